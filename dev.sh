@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# dev.sh - the project's two entry points on a fresh Debian/Ubuntu machine (run as root):
+#   ./dev.sh demo   install what is needed, build the IPsec lab, capture it (VM if the kernel lacks ESP)
+#   ./dev.sh test   install what is needed, run the whole test suite (host + kernel lab VM)
+# and the helpers they use:
+#   ./dev.sh setup  only install (apt packages, .venv with the project and its dev tools)
+#   ./dev.sh bench [capture|decrypt|correlate]   run benchmarks
+set -euo pipefail
+cd "$(dirname "$(readlink -f "$0")")"
+ROOT=$PWD
+VENV=$ROOT/.venv
+PY=$VENV/bin/python
+
+APT_PACKAGES=(
+  python3 python3-venv python3-pip            # the venv's interpreter (same one bcc is built for)
+  nftables iptables iproute2 tcpdump tshark   # rules, peers and the Wireshark oracle
+  python3-bpfcc                               # kprobes (bcc); a system package, linked into the venv
+  qemu-system-x86 busybox-static              # the kernel lab VM
+  linux-image-amd64 linux-headers-amd64       # the lab's kernel (ESP, GCM, kprobes) and bcc's headers
+  chromium                                    # the HTML report test takes a screenshot
+  procps kmod ca-certificates
+)
+
+say() { printf '[dev.sh] %s\n' "$*" >&2; }
+
+need_root() {
+  [ "$(id -u)" = 0 ] || { say "needs root (installs packages, creates network namespaces): sudo $0 $*"; exit 77; }
+}
+
+install_apt() {
+  local missing=()
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    say "apt: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/tmp/ipsec-capture-apt.log 2>&1 \
+      || { tail -n 30 /tmp/ipsec-capture-apt.log >&2; say "apt-get install failed (log: /tmp/ipsec-capture-apt.log)"; exit 1; }
+  fi
+}
+
+install_venv() {
+  if [ ! -x "$PY" ]; then
+    say "creating $VENV"
+    /usr/bin/python3 -m venv "$VENV"
+  fi
+  local stamp=$VENV/.installed
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    say "pip: installing ipsec-capture (editable) and its dev tools"
+    "$PY" -m pip install -q --upgrade pip >/dev/null
+    "$PY" -m pip install -q -e ".[dev]"
+    touch "$stamp"
+  fi
+  # bcc is not on PyPI: expose only Debian's bcc package to the venv (not all of dist-packages).
+  local site
+  site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  if [ -d /usr/lib/python3/dist-packages/bcc ] && [ ! -e "$site/bcc" ]; then
+    ln -s /usr/lib/python3/dist-packages/bcc "$site/bcc"
+  fi
+}
+
+setup() { need_root "$@"; install_apt; install_venv; }
+
+case "${1:-}" in
+  setup) setup setup ;;
+  demo) setup demo; shift; exec "$PY" -m ipsec_capture.lab.demo "$@" ;;
+  test)
+    setup test; shift
+    "$VENV/bin/ruff" check .
+    exec "$PY" -m pytest "$@" ;;
+  bench)
+    setup bench; shift
+    for b in "${@:-capture decrypt correlate}"; do "$PY" -m "bench.$b"; done ;;
+  *) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+esac

@@ -1,0 +1,3 @@
+from ipsec_capture.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The IPsec lab: scenarios in network namespaces on any kernel that can do ESP."""
