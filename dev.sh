@@ -18,7 +18,7 @@ APT_PACKAGES=(
   qemu-system-x86 busybox-static              # the kernel lab VM
   linux-image-amd64 linux-headers-amd64       # the lab's kernel (ESP, GCM, kprobes) and bcc's headers
   chromium                                    # the HTML report test takes a screenshot
-  procps kmod ca-certificates
+  procps kmod ca-certificates iputils-ping ncat
 )
 
 say() { printf '[dev.sh] %s\n' "$*" >&2; }
