@@ -17,7 +17,8 @@ from ipsec_capture.errors import UserError
 COMMAND_MODULES = (
     "ipsec_capture.capture.cli",  # start
     "ipsec_capture.rules.cli",  # rules
-    "ipsec_capture.xfrm.cli",  # keys, decrypt, sa
+    "ipsec_capture.xfrm.cli",  # keys, sa
+    "ipsec_capture.xfrm.decrypt_cli",  # decrypt
     "ipsec_capture.bpf.cli",  # events
     "ipsec_capture.correlate.cli",  # report
     "ipsec_capture.lab.cli",  # lab
