@@ -1,0 +1,168 @@
+"""The events log: `out.events.jsonl` beside `out.pcapng`.
+
+Line 1 is a header object describing where and when the facts were collected (host, kernel,
+clocks, which sources were active and why not, the namespace); every further line is one
+`Event.to_json()`. JSON lines so a crash loses at most the last, half-written line, and so
+`report` can stream a file of any size. Several sources (threads) write into one writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import IO, Any
+
+from ipsec_capture.errors import UserError
+from ipsec_capture.models import Event
+
+FORMAT_KEY = "ipsec_capture_events"
+FORMAT_VERSION = 1
+_SAMPLES = 25
+
+
+def _offset(clock: int) -> int:
+    """wall - `clock` in ns, from the tightest of several (clock, wall, clock) samples."""
+    best_width, best = None, 0
+    for _ in range(_SAMPLES):
+        before = time.clock_gettime_ns(clock)
+        wall = time.time_ns()
+        after = time.clock_gettime_ns(clock)
+        width = after - before
+        if best_width is None or width < best_width:
+            best_width, best = width, wall - (before + after) // 2
+    return best
+
+
+def clock_offsets() -> dict[str, int]:
+    """Offsets that turn monotonic / boottime stamps (BPF, tracefs) into wall-clock ns.
+
+    wall = mono + wall_minus_mono_ns; wall = boot + wall_minus_boot_ns. Measured now: an NTP step
+    later shifts the wall clock but not these, so the header keeps the values used.
+    """
+    return {
+        "wall_minus_mono_ns": _offset(time.CLOCK_MONOTONIC),
+        "wall_minus_boot_ns": _offset(time.CLOCK_BOOTTIME),
+    }
+
+
+def make_header(sources: list[dict[str, Any]] | None = None, netns: dict[str, Any] | None = None,
+                clock: dict[str, int] | None = None) -> dict[str, Any]:
+    """A header with the host facts filled in; callers add sources and the namespace."""
+    return {
+        FORMAT_KEY: FORMAT_VERSION,
+        "host": socket.gethostname(),
+        "kernel": platform.release(),
+        "created_ns": time.time_ns(),
+        "clock": clock if clock is not None else clock_offsets(),
+        "sources": sources or [],
+        "netns": netns or {"name": None, "inode": None},
+    }
+
+
+class EventLogWriter:
+    """Appends Events to a JSONL file (mode 0600: SA snapshots may name peers); thread-safe.
+
+    The header is written at open, so a log is readable while it grows. `header` must carry
+    FORMAT_KEY (use `make_header`); missing host facts are filled in.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], header: dict[str, Any]) -> None:
+        self.path = os.fspath(path)
+        full = make_header()
+        full.update(header)
+        full[FORMAT_KEY] = FORMAT_VERSION
+        self.header = full
+        self.count = 0
+        self._lock = threading.Lock()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # an existing file keeps its old mode otherwise
+        except OSError as err:
+            raise UserError(f"cannot write events log {self.path}: {err.strerror}") from err
+        self._file: IO[str] | None = os.fdopen(fd, "w", encoding="utf-8", buffering=1 << 16)
+        self._file.write(json.dumps(full, separators=(",", ":"), sort_keys=True) + "\n")
+        self._file.flush()
+
+    def write(self, event: Event) -> None:
+        line = event.to_json() + "\n"
+        with self._lock:
+            if self._file is None:
+                raise ValueError("events log is closed")
+            self._file.write(line)
+            self.count += 1
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                try:
+                    self._file.close()
+                finally:
+                    self._file = None
+
+    def __enter__(self) -> EventLogWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _parse_header(line: str, path: str) -> dict[str, Any]:
+    try:
+        header = json.loads(line)
+    except json.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict) or FORMAT_KEY not in header:
+        raise UserError(f"{path}:1: not an ipsec-capture events log (no header line)")
+    if header[FORMAT_KEY] != FORMAT_VERSION:
+        raise UserError(f"{path}:1: events log version {header[FORMAT_KEY]} is not supported "
+                        f"(this ipsec-capture reads version {FORMAT_VERSION}): upgrade ipsec-capture")
+    return header
+
+
+def _events(f: IO[str], path: str) -> Iterator[Event]:
+    lineno = 1
+    try:
+        for line in f:
+            lineno += 1
+            if not line.strip():
+                continue
+            complete = line.endswith("\n")
+            try:
+                d = json.loads(line)
+                if not isinstance(d, dict):
+                    raise ValueError("not an object")
+                yield Event.from_dict(d)
+            except (ValueError, TypeError) as err:
+                if not complete:  # the writer died mid-line: the file ends here, that is fine
+                    return
+                raise UserError(f"{path}:{lineno}: bad event line ({err}): the events log is damaged") \
+                    from err
+    finally:
+        f.close()
+
+
+def read_events(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Iterator[Event]]:
+    """(header, lazy iterator of Events). UserError names the file and line of a bad line;
+    a truncated last line (writer killed) is skipped silently."""
+    p = os.fspath(path)
+    try:
+        # undecodable bytes become U+FFFD, so they fail as a bad line with its number
+        f = open(p, encoding="utf-8", errors="replace")  # noqa: SIM115 - closed by the iterator
+    except OSError as err:
+        raise UserError(f"cannot read events log {p}: {err.strerror}") from err
+    try:
+        header = _parse_header(f.readline(), p)
+    except UserError:
+        f.close()
+        raise
+    return header, _events(f, p)
