@@ -72,7 +72,10 @@ class Replay:
     oseq_hi: int = 0
     bitmap: int = 0
     window: int = 0  # replay window size in packets
-    esn: bool = False
+    esn: bool = False  # extended sequence numbers in use (XFRM_STATE_ESN)
+    # the kernel keeps this state as xfrm_replay_state_esn (XFRMA_REPLAY_ESN_VAL): strongSwan uses
+    # it for ESN and for windows > 32 without ESN, so it does not imply `esn`
+    extended: bool = False
 
 
 @dataclass(slots=True)
