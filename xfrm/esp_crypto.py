@@ -1,0 +1,284 @@
+"""The ESP transforms, from Linux algorithm names to `cryptography` objects built once per SA.
+
+Each transform opens one ESP packet (bytes from the SPI to the end of the ICV) and returns the
+decrypted payload with its trailer, or None when the ICV does not verify. Keys are laid out as
+the kernel holds them (XFRMA_ALG_AEAD / XFRMA_ALG_CRYPT in <linux/xfrm.h>): AEAD and CTR keys end
+with their salt or nonce. Construction is per SA; the per-packet path reuses the cipher objects
+(AESGCM, ChaCha20Poly1305, AESCCM, an ECB context for CBC) because building them per packet
+costs more than the crypto itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM, ChaCha20Poly1305
+from ipsec_capture.xfrm.sa import SA, Algorithm
+
+
+class UnsupportedSA(ValueError):
+    """The SA uses a transform we do not implement, or its key does not fit the transform."""
+
+
+_COUNTER_ONE = b"\x00\x00\x00\x01"  # RFC 3686 section 4: the block counter starts at 1
+_U32 = struct.Struct("!I")
+
+
+@dataclass(slots=True)
+class Transform:
+    """One SA's cipher and integrity check.
+
+    `open(esp, seq_hi)`: `esp` is the whole ESP packet (header, IV, ciphertext, ICV); `seq_hi`
+    the 4 high sequence bytes for ESN SAs, else None. Returns the plaintext (payload, padding,
+    pad length, next header) or None on an ICV mismatch. `block` is the alignment the ciphertext
+    must have; `authenticated` says whether a None can happen at all.
+    """
+
+    name: str
+    iv_len: int
+    icv_len: int
+    block: int
+    authenticated: bool
+    open: Callable[[memoryview, bytes | None], bytes | None]
+
+
+def _aad(esp: memoryview, seq_hi: bytes | None) -> bytes:
+    """AEAD associated data: SPI + seq, or SPI + seq-hi + seq-lo for ESN (RFC 4106 section 5)."""
+    if seq_hi is None:
+        return bytes(esp[:8])
+    return bytes(esp[:4]) + seq_hi + bytes(esp[4:8])
+
+
+def _split_salt(alg: Algorithm, salt_len: int, key_lens: tuple[int, ...]) -> tuple[bytes, bytes]:
+    key, salt = alg.key[:-salt_len], alg.key[-salt_len:]
+    if len(key) not in key_lens:
+        raise UnsupportedSA(
+            f"{alg.name}: key is {len(alg.key) * 8} bits, expected "
+            + " or ".join(str((k + salt_len) * 8) for k in key_lens)
+            + f" (cipher key plus {salt_len * 8}-bit salt)")
+    return key, salt
+
+
+def _icv_len(alg: Algorithm, allowed: tuple[int, ...], default: int) -> int:
+    bits = alg.icv_bits or alg.trunc_bits or default * 8
+    if bits % 8 or bits // 8 not in allowed:
+        raise UnsupportedSA(f"{alg.name}: ICV of {bits} bits is not one of "
+                            + ", ".join(str(a * 8) for a in allowed))
+    return bits // 8
+
+
+def _gcm(alg: Algorithm) -> Transform:
+    """rfc4106(gcm(aes)): nonce = 4-byte salt + 8-byte IV; ICV 8, 12 or 16 bytes."""
+    key, salt = _split_salt(alg, 4, (16, 24, 32))
+    icv = _icv_len(alg, (8, 12, 16), 16)
+    if icv == 16:
+        aead = AESGCM(key)
+
+        def open_full(esp: memoryview, seq_hi: bytes | None) -> bytes | None:
+            try:
+                return aead.decrypt(salt + bytes(esp[8:16]), esp[16:], _aad(esp, seq_hi))
+            except InvalidTag:
+                return None
+
+        return Transform(alg.name, 8, 16, 4, True, open_full)
+    aes = algorithms.AES(key)
+
+    def open_short(esp: memoryview, seq_hi: bytes | None) -> bytes | None:
+        # AESGCM insists on a 16-byte tag; the streaming API takes a truncated one.
+        dec = Cipher(aes, modes.GCM(salt + bytes(esp[8:16]), bytes(esp[-icv:]), min_tag_length=icv)
+                     ).decryptor()
+        dec.authenticate_additional_data(_aad(esp, seq_hi))
+        out = dec.update(esp[16:-icv])
+        try:
+            return out + dec.finalize()
+        except InvalidTag:
+            return None
+
+    return Transform(alg.name, 8, icv, 4, True, open_short)
+
+
+def _gmac(alg: Algorithm) -> Transform:
+    """rfc4543(gcm(aes)): GMAC only; the payload travels in clear and is authenticated as AAD
+    together with the header and IV (RFC 4543 section 3.5)."""
+    key, salt = _split_salt(alg, 4, (16, 24, 32))
+    _icv_len(alg, (16,), 16)
+    aead = AESGCM(key)
+
+    def open_gmac(esp: memoryview, seq_hi: bytes | None) -> bytes | None:
+        payload = bytes(esp[16:-16])
+        try:
+            aead.decrypt(salt + bytes(esp[8:16]), esp[-16:], _aad(esp, seq_hi) + bytes(esp[8:16]) + payload)
+        except InvalidTag:
+            return None
+        return payload
+
+    return Transform(alg.name, 8, 16, 4, True, open_gmac)
+
+
+def _ccm(alg: Algorithm) -> Transform:
+    """rfc4309(ccm(aes)): nonce = 3-byte salt + 8-byte IV; ICV 8, 12 or 16 bytes."""
+    key, salt = _split_salt(alg, 3, (16, 24, 32))
+    icv = _icv_len(alg, (8, 12, 16), 16)
+    aead = AESCCM(key, tag_length=icv)
+
+    def open_ccm(esp: memoryview, seq_hi: bytes | None) -> bytes | None:
+        try:
+            return aead.decrypt(salt + bytes(esp[8:16]), esp[16:], _aad(esp, seq_hi))
+        except InvalidTag:
+            return None
+
+    return Transform(alg.name, 8, icv, 4, True, open_ccm)
+
+
+def _chacha(alg: Algorithm) -> Transform:
+    """rfc7539esp(chacha20,poly1305) (RFC 7634): nonce = 4-byte salt + 8-byte IV, 16-byte ICV."""
+    key, salt = _split_salt(alg, 4, (32,))
+    _icv_len(alg, (16,), 16)
+    aead = ChaCha20Poly1305(key)
+
+    def open_chacha(esp: memoryview, seq_hi: bytes | None) -> bytes | None:
+        try:
+            return aead.decrypt(salt + bytes(esp[8:16]), esp[16:], _aad(esp, seq_hi))
+        except InvalidTag:
+            return None
+
+    return Transform(alg.name, 8, 16, 4, True, open_chacha)
+
+
+# Integrity: Linux name -> (hashlib name, full digest bytes).
+_HMACS = {
+    "hmac(md5)": ("md5", 16),
+    "hmac(sha1)": ("sha1", 20),
+    "hmac(sha256)": ("sha256", 32),
+    "hmac(sha384)": ("sha384", 48),
+    "hmac(sha512)": ("sha512", 64),
+}
+# Default truncations when the SA gives none (RFC 2403/2404/4868).
+_DEFAULT_TRUNC = {"md5": 12, "sha1": 12, "sha256": 16, "sha384": 24, "sha512": 32}
+
+Decipher = Callable[[memoryview, memoryview], bytes]  # (iv, ciphertext) -> plaintext
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    n = len(a)
+    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(n, "big")
+
+
+def _cbc(cipher_alg: algorithms.AES | TripleDES, block: int) -> Decipher:
+    """CBC decryption on one reused ECB context: P[i] = D(C[i]) xor C[i-1], C[-1] = IV. ECB is
+    stateless across whole blocks, so nothing is built per packet."""
+    ecb = Cipher(cipher_alg, modes.ECB()).decryptor()
+
+    def decipher(iv: memoryview, ct: memoryview) -> bytes:
+        raw = ecb.update(ct)
+        chain = bytes(iv) + bytes(ct[:-block]) if len(ct) > block else bytes(iv)
+        return _xor(raw, chain)
+
+    return decipher
+
+
+def _ctr(key: bytes, nonce: bytes) -> Decipher:
+    aes = algorithms.AES(key)
+
+    def decipher(iv: memoryview, ct: memoryview) -> bytes:
+        dec = Cipher(aes, modes.CTR(nonce + bytes(iv) + _COUNTER_ONE)).decryptor()
+        return dec.update(ct)
+
+    return decipher
+
+
+def _plain(iv: memoryview, ct: memoryview) -> bytes:
+    return bytes(ct)
+
+
+def _cipher(alg: Algorithm) -> tuple[Decipher, int, int]:
+    """(decipher, IV length, block alignment) for a non-AEAD encryption algorithm."""
+    name = alg.name
+    if name in ("ecb(cipher_null)", "cipher_null", "null"):
+        return _plain, 0, 4
+    if name in ("cbc(aes)", "aes"):
+        if len(alg.key) not in (16, 24, 32):
+            raise UnsupportedSA(f"{name}: key of {len(alg.key) * 8} bits, expected 128, 192 or 256")
+        return _cbc(algorithms.AES(alg.key), 16), 16, 16
+    if name in ("cbc(des3_ede)", "des3_ede"):
+        if len(alg.key) != 24:
+            raise UnsupportedSA(f"{name}: key of {len(alg.key) * 8} bits, expected 192")
+        return _cbc(TripleDES(alg.key), 8), 8, 8
+    if name == "rfc3686(ctr(aes))":
+        key, nonce = _split_salt(alg, 4, (16, 24, 32))
+        return _ctr(key, nonce), 8, 4
+    raise UnsupportedSA(f"encryption {name} is not supported")
+
+
+def _integrity(alg: Algorithm | None) -> tuple[Callable[[bytes], bytes] | None, int]:
+    """(mac function over the authenticated bytes, ICV length) or (None, 0) for no integrity."""
+    if alg is None or alg.name in ("digest_null", "null", ""):
+        return None, 0
+    spec = _HMACS.get(alg.name)
+    if spec is None:
+        raise UnsupportedSA(f"integrity {alg.name} is not supported")
+    digest, full = spec
+    bits = alg.trunc_bits or _DEFAULT_TRUNC[digest] * 8
+    if bits % 8 or not 0 < bits // 8 <= full:
+        raise UnsupportedSA(f"{alg.name}: truncation to {bits} bits is impossible")
+    key = alg.key
+    # hashlib constructors bound once; hmac.digest() is OpenSSL's one-shot HMAC.
+    hfunc = getattr(hashlib, digest)
+
+    def mac(data: bytes) -> bytes:
+        return hmac.digest(key, data, hfunc)
+
+    return mac, bits // 8
+
+
+def _enc_auth(enc: Algorithm, auth: Algorithm | None) -> Transform:
+    decipher, iv_len, block = _cipher(enc)
+    mac, icv = _integrity(auth)
+    name = enc.name + (f"+{auth.name}" if mac else "")
+    start = 8 + iv_len
+
+    if mac is None:
+        def open_plain(esp: memoryview, seq_hi: bytes | None) -> bytes | None:
+            return decipher(esp[8:start], esp[start:])
+
+        return Transform(name, iv_len, 0, block, False, open_plain)
+
+    def open_auth(esp: memoryview, seq_hi: bytes | None) -> bytes | None:
+        # RFC 4303 section 3.3.2: the ICV covers header, IV and ciphertext; with ESN the high
+        # sequence bits are appended to that (they are not sent).
+        signed = esp[:-icv]
+        data = bytes(signed) if seq_hi is None else bytes(signed) + seq_hi
+        if not hmac.compare_digest(mac(data)[:icv], esp[-icv:]):
+            return None
+        return decipher(esp[8:start], esp[start:-icv])
+
+    return Transform(name, iv_len, icv, block, True, open_auth)
+
+
+_AEADS: dict[str, Callable[[Algorithm], Transform]] = {
+    "rfc4106(gcm(aes))": _gcm,
+    "rfc4543(gcm(aes))": _gmac,
+    "rfc4309(ccm(aes))": _ccm,
+    "rfc7539esp(chacha20,poly1305)": _chacha,
+}
+
+
+def transform_for(sa: SA) -> Transform:
+    """Build the transform of an SA once; raise UnsupportedSA with the reason otherwise."""
+    if sa.aead is not None:
+        build = _AEADS.get(sa.aead.name)
+        if build is None:
+            raise UnsupportedSA(f"AEAD {sa.aead.name} is not supported")
+        return build(sa.aead)
+    if sa.enc is None:
+        if sa.auth is None:
+            raise UnsupportedSA("SA has neither encryption nor AEAD")
+        return _enc_auth(Algorithm("ecb(cipher_null)"), sa.auth)
+    return _enc_auth(sa.enc, sa.auth)
