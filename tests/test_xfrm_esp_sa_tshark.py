@@ -42,7 +42,8 @@ def trailer(data: bytes, block: int) -> bytes:
     return data + bytes(range(1, padlen + 1)) + bytes([padlen, 17])
 
 
-def esp_cbc(spi: int, seq: int, cipher: str, ekey: bytes, hname: str | None, akey: bytes, trunc: int) -> bytes:
+def esp_cbc(spi: int, seq: int, cipher: str, ekey: bytes, hname: str | None, akey: bytes,
+            trunc: int) -> bytes:
     head = struct.pack("!II", spi, seq)
     if cipher == "null":
         body = trailer(INNER, 4)
@@ -92,7 +93,8 @@ def cases() -> list[tuple[SA, callable]]:
             sa = SA(SRC, DST, spi, family=2, aead=Algorithm("rfc4106(gcm(aes))", key, icv_bits=bits))
             out.append((sa, lambda s, q, k=key, b=bits: esp_gcm(s, q, k, b)))
             spi += 1
-    hashes = [("hmac(md5)", "md5", 16, 96), ("hmac(sha1)", "sha1", 20, 96), ("hmac(sha256)", "sha256", 32, 96),
+    hashes = [("hmac(md5)", "md5", 16, 96), ("hmac(sha1)", "sha1", 20, 96),
+              ("hmac(sha256)", "sha256", 32, 96),
               ("hmac(sha256)", "sha256", 32, 128), ("hmac(sha384)", "sha384", 48, 192),
               ("hmac(sha512)", "sha512", 64, 256)]
     for linux, hname, alen, trunc in hashes:
@@ -162,8 +164,9 @@ def test_profile_dir_with_C(capture, tmp_path, monkeypatch):
     pdir = install_profile("ict-test", write_esp_sa(sas, 8))
     assert (pdir / "esp_sa").stat().st_mode & 0o777 == 0o600
     env = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path))
-    out = subprocess.run([shutil.which("tshark"), "-n", "-C", "ict-test", "-r", str(pcap), "-Y", "esp.icv_good == 1",
-                          "-T", "fields", "-e", "esp.spi"], capture_output=True, text=True, env=env, check=True)
+    argv = [shutil.which("tshark"), "-n", "-C", "ict-test", "-r", str(pcap), "-Y", "esp.icv_good == 1",
+            "-T", "fields", "-e", "esp.spi"]
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, check=True)
     good = {int(x, 0) for x in out.stdout.split()}
     assert good == {s.spi for s in sas if s.auth is not None or s.aead is not None}
 
