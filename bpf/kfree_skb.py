@@ -1,0 +1,272 @@
+"""skb:kfree_skb drops through a tracefs instance of our own: no BPF, no kprobes, no headers.
+
+An instance (`instances/ipsec_capture_<pid>`) has its own ring buffer, clock and enabled events, so
+we never touch the global trace buffer another tool may be using. Its trace_clock is `boot`
+(CLOCK_BOOTTIME), converted to wall clock with the events log's clock offsets. Pointers are printed
+unhashed (`options/hash-ptr` 0) so `location` can be symbolized through /proc/kallsyms on kernels
+whose format prints it as %p (6.1); newer kernels print it already symbolized (%pS).
+The tracepoint is global: drops carry no namespace (Event.netns None).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import select
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ipsec_capture.bpf.kallsyms import Kallsyms
+
+from ipsec_capture.errors import UserError
+from ipsec_capture.models import Event
+
+SOURCE = "kfree_skb"
+INSTANCE_PREFIX = "ipsec_capture_"
+EVENT_DIR = "events/skb/kfree_skb"
+TRACE_CLOCK = "boot"
+# functions whose drops are IPsec's business (location symbol prefixes)
+XFRM_FUNCS = ("xfrm", "__xfrm", "esp", "ah", "ipcomp", "ah4", "ah6", "esp4", "esp6")
+# `__print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" }, ...)` in the tracepoint's print fmt
+_SYMBOLIC = re.compile(r'\{\s*(\d+)\s*,\s*"([A-Z0-9_]+)"\s*\}')
+# `  ping-123  [001] ..s1.  4567.123456: kfree_skb: skbaddr=... location=... reason: XFRM_POLICY`
+_LINE = re.compile(
+    rb"\[(\d+)\]\s+\S*\s*(\d+)\.(\d+): kfree_skb: skbaddr=(\S+)(?: rx_sk=\S+)? protocol=(\d+)"
+    rb" location=(\S+)(?: reason: (\w+))?"
+)
+
+
+def reason_names(format_text: str) -> dict[int, str]:
+    """skb_drop_reason number -> name, from this kernel's tracepoint format (the enum changes
+    between kernels: XFRM_POLICY is 18 on 6.18, another number on 6.1)."""
+    return {int(n): name for n, name in _SYMBOLIC.findall(format_text)}
+
+
+def is_xfrm_drop(reason: str | None, location: str) -> bool:
+    """A drop IPsec explains: an XFRM* reason, or freed inside xfrm/esp/ah code."""
+    if reason and reason.startswith("XFRM"):
+        return True
+    return location.startswith(XFRM_FUNCS)
+
+
+def _mounted_tracefs() -> str | None:
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3 and parts[2] == "tracefs":
+                return parts[1]
+    return None
+
+
+class Tracefs:
+    """A tracefs root: the mounted one, or a private mount of ours (removed on close) when the
+    system has none mounted, so we leave the host's mounts as we found them."""
+
+    def __init__(self) -> None:
+        self.owned = False
+        path = _mounted_tracefs()
+        if path is None:
+            path = tempfile.mkdtemp(prefix="ipsec_capture_tracefs_")
+            proc = subprocess.run(["mount", "-t", "tracefs", "nodev", path], capture_output=True, text=True)
+            if proc.returncode != 0:
+                os.rmdir(path)
+                raise UserError(f"cannot mount tracefs: {proc.stderr.strip()} "
+                                "(needs root and CONFIG_TRACING)")
+            self.owned = True
+        self.path = path
+
+    def close(self) -> None:
+        if self.owned:
+            subprocess.run(["umount", self.path], capture_output=True)
+            with contextlib.suppress(OSError):
+                os.rmdir(self.path)
+            self.owned = False
+
+    def has_kfree_skb(self) -> bool:
+        return os.path.exists(os.path.join(self.path, EVENT_DIR, "format"))
+
+    def read(self, rel: str) -> str:
+        with open(os.path.join(self.path, rel)) as f:
+            return f.read()
+
+
+def remove_stale_instances(tracefs: Tracefs) -> list[str]:
+    """rmdir instances left by ipsec-capture processes that died (kill -9)."""
+    removed = []
+    base = os.path.join(tracefs.path, "instances")
+    for name in os.listdir(base) if os.path.isdir(base) else []:
+        pid = name.removeprefix(INSTANCE_PREFIX)
+        if name.startswith(INSTANCE_PREFIX) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(base, name))
+                removed.append(name)
+    return removed
+
+
+@dataclass(slots=True)
+class Drop:
+    """One parsed trace line (kept separate from Event so the filter runs before any Event)."""
+
+    boot_ns: int
+    cpu: int
+    skbaddr: str
+    protocol: int
+    location: str
+    reason: str | None
+
+
+def parse_line(line: bytes, ksyms: Kallsyms | None = None) -> Drop | None:
+    m = _LINE.search(line)
+    if m is None:
+        return None
+    cpu, sec, frac, skb, proto, loc, reason = m.groups()
+    location = loc.decode().split("/", 1)[0]  # %pS prints `func+0xoff/0xsize`: drop the size
+    if location.startswith("0x") and ksyms is not None:
+        location = ksyms.symbolize(int(location, 16))
+    skbaddr = skb.decode()
+    if not skbaddr.startswith("0x"):
+        skbaddr = "0x" + skbaddr
+    frac_s = frac.decode()
+    boot_ns = int(sec) * 1_000_000_000 + int(frac_s) * 10 ** (9 - len(frac_s))
+    return Drop(boot_ns, int(cpu), skbaddr, int(proto), location, reason.decode() if reason else None)
+
+
+class KfreeSkbSource:
+    """Reads our instance's trace_pipe in a thread and emits `drop` Events."""
+
+    name = SOURCE
+
+    def __init__(self, wall_minus_boot_ns: int, keep_all: bool = False, buffer_kb: int = 2048) -> None:
+        self.offset = wall_minus_boot_ns
+        self.keep_all = keep_all
+        self.count = 0
+        self.seen = 0
+        self.tracefs = Tracefs()
+        self.instance = ""
+        self._buffer_kb = buffer_kb
+        self._ksyms: Kallsyms | None = None
+        self._fd = -1
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._emit: Callable[[Event], None] | None = None
+
+    def _write(self, rel: str, value: str) -> None:
+        with open(os.path.join(self.instance, rel), "w") as f:
+            f.write(value)
+
+    def attach(self) -> None:
+        """Create and arm the instance (separate from start() so tests can see it exist)."""
+        if not self.tracefs.has_kfree_skb():
+            self.tracefs.close()
+            raise UserError("this kernel has no skb:kfree_skb tracepoint in tracefs")
+        remove_stale_instances(self.tracefs)
+        self.instance = os.path.join(self.tracefs.path, "instances", f"{INSTANCE_PREFIX}{os.getpid()}")
+        try:
+            os.mkdir(self.instance)
+        except FileExistsError:
+            pass
+        except OSError as err:
+            self.tracefs.close()
+            raise UserError(f"cannot create tracefs instance {self.instance}: {err.strerror}") from err
+        try:
+            self._write("trace_clock", TRACE_CLOCK)
+            if os.path.exists(os.path.join(self.instance, "options/hash-ptr")):
+                self._write("options/hash-ptr", "0")
+            self._write("buffer_size_kb", str(self._buffer_kb))
+            fmt = self.tracefs.read(os.path.join(EVENT_DIR, "format"))
+            if "location=%pS" not in fmt:
+                self._ksyms = Kallsyms()
+            self._fd = os.open(os.path.join(self.instance, "trace_pipe"), os.O_RDONLY | os.O_NONBLOCK)
+            self._write(os.path.join(EVENT_DIR, "enable"), "1")
+        except BaseException:
+            self._remove()
+            raise
+
+    def start(self, emit: Callable[[Event], None]) -> None:
+        if not self.instance:
+            self.attach()
+        self._emit = emit
+        self._thread = threading.Thread(target=self._run, name="kfree_skb", daemon=True)
+        self._thread.start()
+
+    def _handle(self, line: bytes) -> None:
+        drop = parse_line(line, self._ksyms)
+        if drop is None:
+            return
+        self.seen += 1
+        if not self.keep_all and not is_xfrm_drop(drop.reason, drop.location):
+            return
+        assert self._emit is not None
+        self._emit(Event(time_ns=drop.boot_ns + self.offset, source=SOURCE, kind="drop", reason=drop.reason,
+                         detail={"location": drop.location, "protocol": drop.protocol,
+                                 "skbaddr": drop.skbaddr, "cpu": drop.cpu}))
+        self.count += 1
+
+    def _drain(self, pending: bytes) -> bytes:
+        while True:
+            try:
+                chunk = os.read(self._fd, 1 << 16)
+            except OSError as err:
+                if err.errno in (errno.EAGAIN, errno.EINTR):
+                    return pending
+                raise
+            if not chunk:
+                return pending
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                self._handle(line)
+
+    def _run(self) -> None:
+        pending = b""
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self._fd], [], [], 0.2)
+            if ready:
+                pending = self._drain(pending)
+        pending = self._drain(pending)
+        if pending:
+            self._handle(pending)
+
+    def _remove(self) -> None:
+        if self.instance:
+            with contextlib.suppress(OSError):
+                self._write(os.path.join(EVENT_DIR, "enable"), "0")
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self.instance:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.instance)
+            self.instance = ""
+        self.tracefs.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._remove()
+
+
+def tracefs_available() -> tuple[bool, str]:
+    """Whether the kfree_skb tracefs source can run here, and why (for plan_sources)."""
+    if os.geteuid() != 0:
+        return False, "needs root for tracefs"
+    if shutil.which("mount") is None and _mounted_tracefs() is None:
+        return False, "tracefs is not mounted and `mount` is missing"
+    try:
+        tracefs = Tracefs()
+    except UserError as err:
+        return False, str(err)
+    try:
+        if not tracefs.has_kfree_skb():
+            return False, "no skb:kfree_skb tracepoint in tracefs"
+        return True, f"tracefs instance at {tracefs.path if not tracefs.owned else 'a private tracefs mount'}"
+    finally:
+        tracefs.close()

@@ -1,0 +1,139 @@
+"""skb:kfree_skb through our own tracefs instance, for real: a block policy in namespace b drops
+a's packets with reason XFRM_POLICY; the instance is gone afterwards. Plus kallsyms and parsing."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from ipsec_capture.bpf.eventlog import clock_offsets
+from ipsec_capture.bpf.kallsyms import Kallsyms
+from ipsec_capture.bpf.kfree_skb import (
+    INSTANCE_PREFIX,
+    KfreeSkbSource,
+    Tracefs,
+    is_xfrm_drop,
+    parse_line,
+    reason_names,
+    remove_stale_instances,
+)
+
+from tests.conftest import requires_root
+
+LINE_618 = (b"          <idle>-0       [001] ..s1.  5123.000250: kfree_skb: skbaddr=ffff88810706a900 "
+            b"rx_sk=0000000000000000 protocol=2048 location=icmp_rcv+0x1ff/0x3c0 reason: XFRM_POLICY")
+LINE_61 = (b"            ping-77      [000] b..1.   12.5: kfree_skb: skbaddr=0xffff8880 "
+           b"protocol=34525 location=0xffffffff820b9b3e reason: NOT_SPECIFIED")
+
+
+def test_parse_line_618_format():
+    d = parse_line(LINE_618)
+    assert d is not None
+    assert (d.cpu, d.boot_ns, d.protocol) == (1, 5_123_000_250_000, 2048)
+    assert (d.location, d.reason, d.skbaddr) == ("icmp_rcv+0x1ff", "XFRM_POLICY", "0xffff88810706a900")
+
+
+@requires_root
+def test_parse_line_61_format_symbolizes_location():
+    ks = Kallsyms()
+    start = ks.address("xfrm_input")
+    assert start is not None
+    line = LINE_61.replace(b"0xffffffff820b9b3e", f"0x{start + 0x2de:x}".encode())
+    d = parse_line(line, ks)
+    assert d is not None and d.location == "xfrm_input+0x2de"
+    assert d.boot_ns == 12_500_000_000
+    assert is_xfrm_drop(d.reason, d.location)
+
+
+def test_filter_and_garbage():
+    assert parse_line(b"# tracer: nop") is None
+    assert is_xfrm_drop("XFRM_POLICY", "icmp_rcv+0x1")
+    assert is_xfrm_drop("NOT_SPECIFIED", "esp_input_done2+0x40")
+    assert not is_xfrm_drop("NO_SOCKET", "udp_rcv+0x10")
+
+
+def test_reason_names_from_print_fmt():
+    fmt = 'print fmt: "...", __print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" }, { 18, "XFRM_POLICY" })'
+    assert reason_names(fmt) == {2: "NOT_SPECIFIED", 18: "XFRM_POLICY"}
+
+
+@requires_root
+def test_this_kernel_names_xfrm_policy():
+    tfs = Tracefs()
+    try:
+        names = reason_names(tfs.read("events/skb/kfree_skb/format"))
+    finally:
+        tfs.close()
+    assert "XFRM_POLICY" in names.values()
+
+
+@requires_root
+def test_kallsyms_round_trip():
+    ks = Kallsyms()
+    assert ks.readable and len(ks) > 1000
+    addr = ks.address("xfrm_input")
+    assert addr is not None
+    assert ks.symbolize(addr + 0x10) == "xfrm_input+0x10"
+    assert ks.lookup(1) is None
+
+
+@requires_root
+def test_block_policy_drop_seen_with_reason_xfrm_policy(netns_pair):
+    p = netns_pair
+    p.run("b", "ip", "xfrm", "policy", "add", "src", p.a4, "dst", p.b4, "dir", "in", "action", "block")
+    offsets = clock_offsets()
+    src = KfreeSkbSource(offsets["wall_minus_boot_ns"])
+    src.attach()
+    instance = src.instance
+    assert os.path.isdir(instance)
+    events: list = []
+    t0 = time.time_ns()
+    try:
+        src.start(events.append)
+        p.run("a", "ping", "-c", "3", "-i", "0.2", "-W", "1", p.b4, check=False)  # b never answers
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and sum(e.reason == "XFRM_POLICY" for e in events) < 3:
+            time.sleep(0.1)
+    finally:
+        src.stop()
+    t1 = time.time_ns()
+    assert not os.path.exists(instance), "tracefs instance left behind"
+    ours = [e for e in events if e.reason == "XFRM_POLICY"]
+    assert len(ours) >= 3, events
+    for e in ours:
+        assert e.source == "kfree_skb" and e.kind == "drop"
+        assert e.detail["protocol"] == 0x0800
+        assert e.detail["location"].startswith("icmp_rcv+0x")  # icmp_rcv checks the inbound policy
+        assert t0 - 100_000_000 < e.time_ns < t1 + 100_000_000  # boot clock converted to wall
+    assert src.seen >= len(events)
+
+
+@requires_root
+def test_stale_instances_of_dead_pids_are_removed():
+    tfs = Tracefs()
+    try:
+        dead_pid = 2 ** 22 + 17  # above pid_max's default: no such process
+        stale = os.path.join(tfs.path, "instances", f"{INSTANCE_PREFIX}{dead_pid}")
+        mine = os.path.join(tfs.path, "instances", f"{INSTANCE_PREFIX}{os.getpid()}")
+        os.mkdir(stale)
+        os.mkdir(mine)
+        try:
+            removed = remove_stale_instances(tfs)
+            assert f"{INSTANCE_PREFIX}{dead_pid}" in removed
+            assert not os.path.exists(stale)
+            assert os.path.exists(mine)  # a live process keeps its instance
+        finally:
+            for d in (stale, mine):
+                if os.path.exists(d):
+                    os.rmdir(d)
+    finally:
+        tfs.close()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="checks the non-root message; we are root")
+def test_not_root_says_so():
+    from ipsec_capture.bpf.kfree_skb import tracefs_available
+
+    ok, why = tracefs_available()
+    assert not ok and "root" in why
