@@ -261,9 +261,9 @@ def _flags(tokens: list[str], line: _Line, into: list[str]) -> None:
 
 
 def _algo(kind: str, tokens: list[str], line: _Line) -> Algorithm:
-    if len(tokens) < 2:
+    if not tokens or (len(tokens) < 2 and kind in ("aead", "auth-trunc")):
         raise _fail(line, f"`{kind}` needs NAME KEY")
-    alg = Algorithm(tokens[0], _key(tokens[1], line))
+    alg = Algorithm(tokens[0], _key(tokens[1], line) if len(tokens) > 1 else b"")  # null: no key
     rest = tokens[2:]
     if kind in ("aead", "auth-trunc"):
         if len(rest) != 1:
