@@ -4,22 +4,22 @@ Each transform opens one ESP packet (bytes from the SPI to the end of the ICV) a
 decrypted payload with its trailer, or None when the ICV does not verify. Keys are laid out as
 the kernel holds them (XFRMA_ALG_AEAD / XFRMA_ALG_CRYPT in <linux/xfrm.h>): AEAD and CTR keys end
 with their salt or nonce. Construction is per SA; the per-packet path reuses the cipher objects
-(AESGCM, ChaCha20Poly1305, AESCCM, an ECB context for CBC) because building them per packet
+(AESGCM, ChaCha20Poly1305, AESCCM, one CBC context, a keyed HMAC) because building them per packet
 costs more than the crypto itself.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.hmac import HMAC
 from ipsec_capture.xfrm.sa import SA, Algorithm
 
 
@@ -28,7 +28,6 @@ class UnsupportedSA(ValueError):
 
 
 _COUNTER_ONE = b"\x00\x00\x00\x01"  # RFC 3686 section 4: the block counter starts at 1
-_U32 = struct.Struct("!I")
 
 
 @dataclass(slots=True)
@@ -152,34 +151,29 @@ def _chacha(alg: Algorithm) -> Transform:
     return Transform(alg.name, 8, 16, 4, True, open_chacha)
 
 
-# Integrity: Linux name -> (hashlib name, full digest bytes).
+# Integrity: Linux name -> (hash, full digest bytes).
 _HMACS = {
-    "hmac(md5)": ("md5", 16),
-    "hmac(sha1)": ("sha1", 20),
-    "hmac(sha256)": ("sha256", 32),
-    "hmac(sha384)": ("sha384", 48),
-    "hmac(sha512)": ("sha512", 64),
+    "hmac(md5)": (hashes.MD5, 16),
+    "hmac(sha1)": (hashes.SHA1, 20),
+    "hmac(sha256)": (hashes.SHA256, 32),
+    "hmac(sha384)": (hashes.SHA384, 48),
+    "hmac(sha512)": (hashes.SHA512, 64),
 }
-# Default truncations when the SA gives none (RFC 2403/2404/4868).
-_DEFAULT_TRUNC = {"md5": 12, "sha1": 12, "sha256": 16, "sha384": 24, "sha512": 32}
+# Default truncations in bytes when the SA gives none (RFC 2403/2404/4868).
+_DEFAULT_TRUNC = {16: 12, 20: 12, 32: 16, 48: 24, 64: 32}
 
-Decipher = Callable[[memoryview, memoryview], bytes]  # (iv, ciphertext) -> plaintext
-
-
-def _xor(a: bytes, b: bytes) -> bytes:
-    n = len(a)
-    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(n, "big")
+Decipher = Callable[[memoryview], bytes]  # (IV + ciphertext) -> plaintext
 
 
 def _cbc(cipher_alg: algorithms.AES | TripleDES, block: int) -> Decipher:
-    """CBC decryption on one reused ECB context: P[i] = D(C[i]) xor C[i-1], C[-1] = IV. ECB is
-    stateless across whole blocks, so nothing is built per packet."""
-    ecb = Cipher(cipher_alg, modes.ECB()).decryptor()
+    """CBC on one decryptor kept for the SA's life. Its chaining state after a packet is that
+    packet's last block, but we feed IV + ciphertext and drop the first output block: block i
+    is D(C[i]) xor C[i-1] with C[0] = IV, whatever came before. Nothing is built per packet
+    (a fresh CBC context costs about as much as decrypting 1400 bytes)."""
+    dec = Cipher(cipher_alg, modes.CBC(b"\0" * block)).decryptor()
 
-    def decipher(iv: memoryview, ct: memoryview) -> bytes:
-        raw = ecb.update(ct)
-        chain = bytes(iv) + bytes(ct[:-block]) if len(ct) > block else bytes(iv)
-        return _xor(raw, chain)
+    def decipher(iv_and_ct: memoryview) -> bytes:
+        return dec.update(iv_and_ct)[block:]
 
     return decipher
 
@@ -187,15 +181,15 @@ def _cbc(cipher_alg: algorithms.AES | TripleDES, block: int) -> Decipher:
 def _ctr(key: bytes, nonce: bytes) -> Decipher:
     aes = algorithms.AES(key)
 
-    def decipher(iv: memoryview, ct: memoryview) -> bytes:
-        dec = Cipher(aes, modes.CTR(nonce + bytes(iv) + _COUNTER_ONE)).decryptor()
-        return dec.update(ct)
+    def decipher(iv_and_ct: memoryview) -> bytes:
+        dec = Cipher(aes, modes.CTR(nonce + bytes(iv_and_ct[:8]) + _COUNTER_ONE)).decryptor()
+        return dec.update(iv_and_ct[8:])
 
     return decipher
 
 
-def _plain(iv: memoryview, ct: memoryview) -> bytes:
-    return bytes(ct)
+def _plain(iv_and_ct: memoryview) -> bytes:
+    return bytes(iv_and_ct)
 
 
 def _cipher(alg: Algorithm) -> tuple[Decipher, int, int]:
@@ -217,47 +211,42 @@ def _cipher(alg: Algorithm) -> tuple[Decipher, int, int]:
     raise UnsupportedSA(f"encryption {name} is not supported")
 
 
-def _integrity(alg: Algorithm | None) -> tuple[Callable[[bytes], bytes] | None, int]:
-    """(mac function over the authenticated bytes, ICV length) or (None, 0) for no integrity."""
+def _integrity(alg: Algorithm | None) -> tuple[HMAC | None, int]:
+    """(keyed HMAC to copy per packet, ICV length) or (None, 0) for no integrity. Copying a keyed
+    HMAC skips the key schedule and takes memoryviews without a copy of the packet."""
     if alg is None or alg.name in ("digest_null", "null", ""):
         return None, 0
     spec = _HMACS.get(alg.name)
     if spec is None:
         raise UnsupportedSA(f"integrity {alg.name} is not supported")
     digest, full = spec
-    bits = alg.trunc_bits or _DEFAULT_TRUNC[digest] * 8
+    bits = alg.trunc_bits or _DEFAULT_TRUNC[full] * 8
     if bits % 8 or not 0 < bits // 8 <= full:
         raise UnsupportedSA(f"{alg.name}: truncation to {bits} bits is impossible")
-    key = alg.key
-    # hashlib constructors bound once; hmac.digest() is OpenSSL's one-shot HMAC.
-    hfunc = getattr(hashlib, digest)
-
-    def mac(data: bytes) -> bytes:
-        return hmac.digest(key, data, hfunc)
-
-    return mac, bits // 8
+    return HMAC(alg.key, digest()), bits // 8
 
 
 def _enc_auth(enc: Algorithm, auth: Algorithm | None) -> Transform:
     decipher, iv_len, block = _cipher(enc)
     mac, icv = _integrity(auth)
     name = enc.name + (f"+{auth.name}" if mac else "")
-    start = 8 + iv_len
 
     if mac is None:
         def open_plain(esp: memoryview, seq_hi: bytes | None) -> bytes | None:
-            return decipher(esp[8:start], esp[start:])
+            return decipher(esp[8:])
 
         return Transform(name, iv_len, 0, block, False, open_plain)
 
     def open_auth(esp: memoryview, seq_hi: bytes | None) -> bytes | None:
         # RFC 4303 section 3.3.2: the ICV covers header, IV and ciphertext; with ESN the high
         # sequence bits are appended to that (they are not sent).
-        signed = esp[:-icv]
-        data = bytes(signed) if seq_hi is None else bytes(signed) + seq_hi
-        if not hmac.compare_digest(mac(data)[:icv], esp[-icv:]):
+        h = mac.copy()
+        h.update(esp[:-icv])
+        if seq_hi is not None:
+            h.update(seq_hi)
+        if not hmac.compare_digest(h.finalize()[:icv], esp[-icv:]):
             return None
-        return decipher(esp[8:start], esp[start:-icv])
+        return decipher(esp[8:-icv])
 
     return Transform(name, iv_len, icv, block, True, open_auth)
 

@@ -1,0 +1,172 @@
+"""Benchmark: our `ipsec-capture decrypt` against tshark decrypting the same file, in one run.
+
+    python -m bench.decrypt [--packets 200000] [--size 1400] [--keep DIR]
+
+For each suite (AES-GCM-128 with a 16-byte ICV; AES-CBC-128 with HMAC-SHA-256-128) it writes a
+pcap (LINKTYPE_RAW) of ESP tunnel packets of --size bytes, an esp_sa table for them
+(xfrm/esp_sa.py), then times, as whole processes:
+  - `ipsec-capture decrypt IN --keys esp_sa -w OUT.pcapng` (read, decrypt, write pcapng), and
+  - `tshark -r IN -o <the esp_sa table> -T fields -e udp.dstport` (Wireshark's own decryption;
+    the UDP field forces the inner packet to be dissected, and counts what tshark decrypted),
+and the decoder alone in this process. It prints packets/s and the ratio to tshark (target >= 5x).
+Not a test: numbers depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from ipsec_capture.xfrm.esp import EspDecoder
+from ipsec_capture.xfrm.esp_sa import tshark_args, write_esp_sa
+from ipsec_capture.xfrm.sa import SA, Algorithm
+
+SRC, DST = "192.0.2.1", "192.0.2.2"
+LINKTYPE_RAW = 101  # pcap-linktype(7): raw IPv4/IPv6
+_PCAP_HEADER = struct.Struct("<IHHiIII")  # magic, version 2.4, thiszone, sigfigs, snaplen, linktype
+_PCAP_RECORD = struct.Struct("<IIII")  # ts_sec, ts_usec, incl_len, orig_len
+_IP4 = struct.Struct("!BBHHHBBH4s4s")
+_UDP = struct.Struct("!HHHH")
+_ESP = struct.Struct("!II")
+
+
+def _ip4(proto: int, payload_len: int, src: bytes, dst: bytes) -> bytes:
+    """An IPv4 header with a correct checksum (tshark and our decoder both look at it)."""
+    head = _IP4.pack(0x45, 0, 20 + payload_len, 0, 0x4000, 64, proto, 0, src, dst)
+    words = struct.unpack("!10H", head)
+    total = sum(words)
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return head[:10] + struct.pack("!H", ~total & 0xFFFF) + head[12:]
+
+
+def _inner(size: int) -> bytes:
+    """An inner IPv4/UDP packet sized so the outer ESP packet is about `size` bytes."""
+    data = os.urandom(max(size - 20 - 8 - 16 - 20 - 8 - 16 - 2, 8))
+    udp = _UDP.pack(40000, 9, 8 + len(data), 0) + data
+    return _ip4(17, len(udp), bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])) + udp
+
+
+def _sealer(suite: str, key: bytes, auth_key: bytes):
+    """Per-packet ESP sealer (independent of the decoder: fresh contexts, plain HMAC)."""
+    if suite == "gcm":
+        aead, salt = AESGCM(key[:-4]), key[-4:]
+
+        def seal(spi: int, seq: int, plain: bytes) -> bytes:
+            header, iv = _ESP.pack(spi, seq), seq.to_bytes(8, "big")
+            return header + iv + aead.encrypt(salt + iv, plain, header)
+
+        return seal, 4
+
+    def seal_cbc(spi: int, seq: int, plain: bytes) -> bytes:
+        header, iv = _ESP.pack(spi, seq), os.urandom(16)
+        enc = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
+        body = header + iv + enc.update(plain) + enc.finalize()
+        return body + hmac.digest(auth_key, body, "sha256")[:16]
+
+    return seal_cbc, 16
+
+
+def build(path: Path, suite: str, packets: int, size: int) -> SA:
+    """Write the pcap; return the SA that decrypts it."""
+    spi = 0x1000 + (suite == "cbc")
+    if suite == "gcm":
+        key, auth_key = os.urandom(20), b""
+        sa = SA(src=SRC, dst=DST, spi=spi, mode="tunnel", family=2,
+                aead=Algorithm("rfc4106(gcm(aes))", key, icv_bits=128))
+    else:
+        key, auth_key = os.urandom(16), os.urandom(32)
+        sa = SA(src=SRC, dst=DST, spi=spi, mode="tunnel", family=2, enc=Algorithm("cbc(aes)", key),
+                auth=Algorithm("hmac(sha256)", auth_key, trunc_bits=128))
+    seal, align = _sealer(suite, key, auth_key)
+    inner = _inner(size)
+    pad = (-(len(inner) + 2)) % align
+    plain = inner + bytes(range(1, pad + 1)) + bytes([pad, 4])
+    src, dst = bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2])
+    with open(path, "wb") as fh:
+        fh.write(_PCAP_HEADER.pack(0xA1B2C3D4, 2, 4, 0, 0, 65535, LINKTYPE_RAW))
+        for seq in range(1, packets + 1):
+            esp = seal(spi, seq, plain)
+            pkt = _ip4(50, len(esp), src, dst) + esp
+            fh.write(_PCAP_RECORD.pack(1_700_000_000 + seq // 1000, seq % 1000 * 1000, len(pkt), len(pkt)))
+            fh.write(pkt)
+    return sa
+
+
+def _timed(argv: list[str]) -> tuple[float, subprocess.CompletedProcess[bytes]]:
+    start = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True)
+    return time.perf_counter() - start, proc
+
+
+def decoder_only(path: Path, sa: SA) -> float:
+    """Packets/s of EspDecoder.decrypt alone over the file's packets (read into memory first)."""
+    data = path.read_bytes()
+    pos, pkts = 24, []
+    while pos < len(data):
+        incl = _PCAP_RECORD.unpack_from(data, pos)[2]
+        pkts.append(data[pos + 16:pos + 16 + incl])
+        pos += 16 + incl
+    dec = EspDecoder([sa])
+    start = time.perf_counter()
+    ok = sum(dec.decrypt(p).status == "ok" for p in pkts)
+    elapsed = time.perf_counter() - start
+    if ok != len(pkts):
+        raise SystemExit(f"decoder decrypted only {ok} of {len(pkts)}")
+    return len(pkts) / elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.decrypt", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--packets", type=int, default=200_000)
+    ap.add_argument("--size", type=int, default=1400, help="outer packet size in bytes")
+    ap.add_argument("--suite", choices=["gcm", "cbc", "both"], default="both")
+    ap.add_argument("--keep", metavar="DIR", help="keep the files in DIR")
+    args = ap.parse_args(argv)
+    tshark = shutil.which("tshark")
+    if tshark is None:
+        print("tshark is not installed: run ./dev.sh setup", file=sys.stderr)
+        return 1
+    workdir = Path(args.keep or tempfile.mkdtemp(prefix="bench-decrypt-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    suites = ["gcm", "cbc"] if args.suite == "both" else [args.suite]
+    try:
+        for suite in suites:
+            pcap, keys, out = workdir / f"{suite}.pcap", workdir / f"{suite}.esp_sa", workdir / f"{suite}.out.pcapng"
+            sa = build(pcap, suite, args.packets, args.size)
+            keys.write_text(write_esp_sa([sa], 8))
+            n = args.packets
+            t_ours, ours = _timed([sys.executable, "-m", "ipsec_capture", "decrypt", str(pcap), "--keys",
+                                   str(keys), "-w", str(out), "--json", "-q"])
+            if ours.returncode != 0:
+                print(f"{suite}: our decrypt failed: {ours.stderr.decode(errors='replace').strip()}",
+                      file=sys.stderr)
+            t_shark, shark = _timed([tshark, "-n", "-r", str(pcap), *tshark_args([sa], 8), "-T", "fields",
+                                     "-e", "udp.dstport"])
+            decrypted = sum(1 for line in shark.stdout.splitlines() if line.strip() == b"9")
+            dec_rate = decoder_only(pcap, sa)
+            ours_rate, shark_rate = n / t_ours, n / t_shark
+            print(f"{suite}: {n} packets of {args.size} B")
+            print(f"  tshark decrypt        {shark_rate:>10,.0f} pkt/s  ({t_shark:.1f} s, decrypted {decrypted})")
+            if ours.returncode == 0:
+                print(f"  ipsec-capture decrypt {ours_rate:>10,.0f} pkt/s  ({t_ours:.1f} s)  "
+                      f"ratio {ours_rate / shark_rate:.1f}x tshark (target >= 5x)")
+            print(f"  EspDecoder alone      {dec_rate:>10,.0f} pkt/s  ratio {dec_rate / shark_rate:.1f}x tshark")
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
