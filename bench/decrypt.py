@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     suites = ["gcm", "cbc"] if args.suite == "both" else [args.suite]
     try:
         for suite in suites:
-            pcap, keys, out = workdir / f"{suite}.pcap", workdir / f"{suite}.esp_sa", workdir / f"{suite}.out.pcapng"
+            pcap, keys = workdir / f"{suite}.pcap", workdir / f"{suite}.esp_sa"
+            out = workdir / f"{suite}.out.pcapng"
             sa = build(pcap, suite, args.packets, args.size)
             keys.write_text(write_esp_sa([sa], 8))
             n = args.packets
@@ -157,11 +158,13 @@ def main(argv: list[str] | None = None) -> int:
             dec_rate = decoder_only(pcap, sa)
             ours_rate, shark_rate = n / t_ours, n / t_shark
             print(f"{suite}: {n} packets of {args.size} B")
-            print(f"  tshark decrypt        {shark_rate:>10,.0f} pkt/s  ({t_shark:.1f} s, decrypted {decrypted})")
+            print(f"  tshark decrypt        {shark_rate:>10,.0f} pkt/s  ({t_shark:.1f} s, "
+                  f"decrypted {decrypted})")
             if ours.returncode == 0:
                 print(f"  ipsec-capture decrypt {ours_rate:>10,.0f} pkt/s  ({t_ours:.1f} s)  "
                       f"ratio {ours_rate / shark_rate:.1f}x tshark (target >= 5x)")
-            print(f"  EspDecoder alone      {dec_rate:>10,.0f} pkt/s  ratio {dec_rate / shark_rate:.1f}x tshark")
+            print(f"  EspDecoder alone      {dec_rate:>10,.0f} pkt/s  "
+                  f"ratio {dec_rate / shark_rate:.1f}x tshark")
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

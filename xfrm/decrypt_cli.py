@@ -57,8 +57,6 @@ def _keys_path(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ipsec_capture.capture.pcapng import PcapngWriter
-    from ipsec_capture.capture.pcapread import read_records
     from ipsec_capture.xfrm.keyfile import load_sas
 
     if not Path(args.input).is_file():
@@ -68,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     sas = load_sas(_keys_path(args))
     if not sas:
         raise UserError("the key file holds no SAs: nothing could be decrypted")
+    from ipsec_capture.capture.pcapng import PcapngWriter
+    from ipsec_capture.capture.pcapread import read_records
     decoder = EspDecoder(sas)
     summary = DecryptSummary()
     started = time.monotonic()
