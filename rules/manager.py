@@ -98,9 +98,9 @@ def build(group: int, points: Sequence[str] | None = None, backend: str = "auto"
           netns: str | None = None) -> RuleSet:
     if not 0 <= group <= GROUP_MAX:
         raise UserError(f"NFLOG group {group} out of range: use 0..{GROUP_MAX}")
-    chosen = parse_points(None if points is None else ",".join(points))
-    if points is not None and not chosen:
+    if points is not None and not points:
         raise UserError(f"no capture points given: choose from {', '.join(POINTS)}")
+    chosen = parse_points(None if points is None else ",".join(points))
     return RuleSet(group, chosen, resolve_backend(backend, netns), netns)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 PREFIX = "ict-"
@@ -72,3 +74,27 @@ def leftover_namespaces() -> list[str]:
         return [n for n in os.listdir("/run/netns") if n.startswith(PREFIX)]
     except FileNotFoundError:
         return []
+
+
+@contextmanager
+def single_netns(label: str = "x") -> Iterator[str]:
+    """One empty namespace (loopback up) named ict-<label>-<random>, deleted afterwards."""
+    name = f"{PREFIX}{label}-{secrets.token_hex(3)}"
+    sh("ip", "netns", "add", name)
+    try:
+        sh("ip", "link", "set", "lo", "up", netns=name)
+        yield name
+    finally:
+        sh("ip", "netns", "del", name, check=False)
+
+
+NETFILTER_DUMPS = (
+    ("nft", "list", "ruleset"),
+    ("iptables-legacy-save",), ("ip6tables-legacy-save",),
+    ("iptables-nft-save",), ("ip6tables-nft-save",),
+)
+
+
+def netfilter_state(netns: str) -> str:
+    """Every rule in the namespace as text: nft ruleset and both iptables flavours, both families."""
+    return "\n".join(sh(*argv, netns=netns).stdout.decode() for argv in NETFILTER_DUMPS)
