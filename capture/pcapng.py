@@ -1,0 +1,224 @@
+"""Our pcapng writer: one interface per capture point, NFLOG or raw IP, comments and direction.
+
+Blocks are assembled in memory and written with os.write in whole blocks only, so a crash (or a
+full disk, where we cut back to the last complete write) leaves a file that ends on a block
+boundary and that tshark reads to the end. Per-packet options (direction flag and comment) repeat
+for every packet of a flow, so their encoded bytes are cached per (point, hook, devices, mark).
+Files are created mode 0600: captures hold cleartext.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import socket
+import struct
+from collections.abc import Callable
+from types import TracebackType
+
+from ipsec_capture.capture.nflog_tlv import INBOUND_HOOKS, OUTBOUND_HOOKS, build_body
+
+from ipsec_capture.errors import UserError
+from ipsec_capture.models import Record
+
+# pcapng (draft-ietf-opsawg-pcapng) block types and option codes
+BT_SHB = 0x0A0D0D0A
+BT_IDB = 0x00000001
+BT_EPB = 0x00000006
+BYTE_ORDER_MAGIC = 0x1A2B3C4D
+OPT_ENDOFOPT = 0
+OPT_COMMENT = 1
+SHB_HARDWARE = 2
+SHB_OS = 3
+SHB_USERAPPL = 4
+IF_NAME = 2
+IF_DESCRIPTION = 3
+IF_TSRESOL = 9
+EPB_FLAGS = 2
+EPB_INBOUND, EPB_OUTBOUND = 0x1, 0x2  # epb_flags bits 0-1: direction
+
+# pcap-linktype(7)
+LINKTYPES = {"nflog": 239, "raw": 101}
+
+_HDR = struct.Struct("<II")  # block type, block total length
+_SHB_BODY = struct.Struct("<IHHq")  # byte-order magic, major, minor, section length (-1: unknown)
+_IDB_BODY = struct.Struct("<HHI")  # linktype, reserved, snaplen
+_EPB_HEAD = struct.Struct("<IIIIIII")  # type, length, interface id, ts high, ts low, caplen, origlen
+_OPT = struct.Struct("<HH")
+_U32 = struct.Struct("<I")
+_END = _OPT.pack(OPT_ENDOFOPT, 0)
+_PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
+
+FLUSH_AT = 1 << 20  # bytes pending before write() flushes by itself
+
+
+def option(code: int, value: bytes) -> bytes:
+    return _OPT.pack(code, len(value)) + value + b"\0" * (-len(value) % 4)
+
+
+def _block(btype: int, body: bytes) -> bytes:
+    total = 12 + len(body)
+    return _HDR.pack(btype, total) + body + _U32.pack(total)
+
+
+def _ifname_lookup() -> Callable[[int], str]:
+    names: dict[int, str] = {}
+
+    def lookup(index: int) -> str:
+        name = names.get(index)
+        if name is None:
+            try:
+                name = socket.if_indextoname(index)
+            except OSError:
+                name = f"if{index}"
+            names[index] = name
+        return name
+
+    return lookup
+
+
+class PcapngWriter:
+    """Write Records to a pcapng file: `interface(point)` once per point, then `write(record)`."""
+
+    def __init__(self, path: str | os.PathLike[str], *, linktype: str = "nflog", snaplen: int = 262144,
+                 application: str = "ipsec-capture", comment: str | None = None,
+                 ifname: Callable[[int], str] | None = None) -> None:
+        if linktype not in LINKTYPES:
+            raise UserError(f"unknown link type {linktype!r}: choose from {', '.join(LINKTYPES)}")
+        self.path = os.fspath(path)
+        self.linktype = linktype
+        self.snaplen = snaplen
+        self._nflog = linktype == "nflog"
+        self._ifname = ifname or _ifname_lookup()
+        self._ifaces: dict[str, int] = {}
+        self._opts: dict[tuple, bytes] = {}
+        self._buf = bytearray()
+        self.committed = 0  # bytes on disk, always at a block boundary
+        self.packets = 0
+        self._failed = False
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise UserError(f"cannot write {self.path}: {err.strerror}") from None
+        os.fchmod(self._fd, 0o600)  # an existing file keeps its mode on O_TRUNC
+        uname = platform.uname()
+        opts = option(SHB_HARDWARE, uname.machine.encode())
+        opts += option(SHB_OS, f"{uname.system} {uname.release}".encode())
+        opts += option(SHB_USERAPPL, application.encode())
+        opts += option(OPT_COMMENT, f"hostname: {socket.gethostname()}".encode())
+        if comment:
+            opts += option(OPT_COMMENT, comment.encode())
+        self._buf += _block(BT_SHB, _SHB_BODY.pack(BYTE_ORDER_MAGIC, 1, 0, -1) + opts + _END)
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far, including what is still buffered."""
+        return self.committed + len(self._buf)
+
+    def interface(self, name: str, description: str = "") -> int:
+        """Interface id for capture point `name`, adding its IDB the first time."""
+        iid = self._ifaces.get(name)
+        if iid is not None:
+            return iid
+        iid = len(self._ifaces)
+        self._ifaces[name] = iid
+        opts = option(IF_NAME, name.encode())
+        if description:
+            opts += option(IF_DESCRIPTION, description.encode())
+        opts += option(IF_TSRESOL, b"\x09")  # timestamps in nanoseconds
+        self._buf += _block(BT_IDB, _IDB_BODY.pack(LINKTYPES[self.linktype], 0, self.snaplen) + opts + _END)
+        return iid
+
+    def _options(self, rec: Record) -> bytes:
+        key = (rec.point, rec.hook, rec.indev, rec.outdev, rec.mark)
+        opts = self._opts.get(key)
+        if opts is None:
+            opts = self._build_options(rec, None)
+            if len(self._opts) < 65536:
+                self._opts[key] = opts
+        return opts
+
+    def _build_options(self, rec: Record, comment: str | None) -> bytes:
+        text = [rec.point or "?"]
+        if rec.indev:
+            text.append(f"in={self._ifname(rec.indev)}")
+        if rec.outdev:
+            text.append(f"out={self._ifname(rec.outdev)}")
+        if rec.mark is not None:
+            text.append(f"mark=0x{rec.mark:x}")
+        if comment:
+            text.append(comment)
+        opts = option(OPT_COMMENT, " ".join(text).encode())
+        if rec.hook in INBOUND_HOOKS:
+            opts += option(EPB_FLAGS, _U32.pack(EPB_INBOUND))
+        elif rec.hook in OUTBOUND_HOOKS:
+            opts += option(EPB_FLAGS, _U32.pack(EPB_OUTBOUND))
+        return opts + _END
+
+    def write(self, record: Record, comment: str | None = None) -> None:
+        """Append one packet on its point's interface (created on first use)."""
+        iid = self._ifaces.get(record.point)
+        if iid is None:
+            iid = self.interface(record.point or "unknown")
+        if self._nflog:
+            data = record.nflog if record.nflog is not None else build_body(record)
+            orig = len(data) + record.wire_length - len(record.payload)
+        else:
+            data = record.payload
+            orig = record.wire_length
+        caplen = len(data)
+        if caplen > self.snaplen:
+            data = data[: self.snaplen]
+            caplen = self.snaplen
+        opts = self._options(record) if comment is None else self._build_options(record, comment)
+        pad = _PAD[caplen & 3]
+        total = 32 + caplen + len(pad) + len(opts)
+        ts = record.time_ns
+        buf = self._buf
+        buf += _EPB_HEAD.pack(BT_EPB, total, iid, ts >> 32, ts & 0xFFFFFFFF, caplen, orig)
+        buf += data
+        buf += pad
+        buf += opts
+        buf += _U32.pack(total)
+        self.packets += 1
+        if len(buf) >= FLUSH_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every whole block buffered so far. On an error (ENOSPC) the file is cut back to
+        the last complete flush, so it still ends on a block boundary, and the OSError propagates."""
+        if not self._buf:
+            return
+        view = memoryview(self._buf)
+        done = 0
+        try:
+            while done < len(view):
+                done += os.write(self._fd, view[done:])
+        except OSError:
+            view.release()
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self.committed)
+            self._buf.clear()
+            self._failed = True
+            raise
+        view.release()
+        self.committed += done
+        self._buf.clear()
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            if not self._failed:  # after a failed flush the file already ends where it must
+                self.flush()
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> PcapngWriter:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
