@@ -133,7 +133,9 @@ def scan(family: int, flavour: str, netns: str | None) -> Found:
     save = tool(family, flavour, "save")
     if not have(save):
         return Found()
-    return parse_save(run([save, "-c"], netns).stdout)
+    proc = run([save, "-c"], netns, check=False)
+    # A flavour whose save fails (kernel without nf_tables or x_tables) cannot hold rules of ours.
+    return parse_save(proc.stdout) if proc.returncode == 0 else Found()
 
 
 def removal(found: Found, groups: set[int]) -> str:

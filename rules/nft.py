@@ -86,9 +86,12 @@ def apply(script: str, netns: str | None) -> None:
 
 
 def our_groups(netns: str | None) -> list[int]:
-    out = run(["nft", "-j", "list", "tables", FAMILY], netns).stdout
+    """Groups that have a table of ours; none when nf_tables is unusable (then none can exist)."""
+    proc = run(["nft", "-j", "list", "tables", FAMILY], netns, check=False)
+    if proc.returncode != 0:
+        return []
     groups = []
-    for item in json.loads(out or '{"nftables": []}')["nftables"]:
+    for item in json.loads(proc.stdout or '{"nftables": []}')["nftables"]:
         table = item.get("table")
         if table and (m := _TABLE_RE.fullmatch(table["name"])):
             groups.append(int(m[1]))
