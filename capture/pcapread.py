@@ -1,0 +1,284 @@
+"""Read pcap and pcapng files (ours, tcpdump's, Wireshark's) into Records.
+
+Every offline command starts here, so it accepts what other tools write: pcap in both byte
+orders with micro- or nanosecond stamps, pcapng with any number of sections and interfaces, and
+the link types an IPsec capture comes in (NFLOG, raw IP, Ethernet with VLAN tags, Linux cooked
+v1/v2). Record.payload is always the IP packet. A file cut short in its last block (a capture
+that crashed) is read to the last whole packet with a warning; anything else malformed is a
+UserError naming the offset.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from ipsec_capture.capture.nflog_tlv import detect_tlv_order, family_of, parse_body
+
+from ipsec_capture.errors import UserError
+from ipsec_capture.models import Record
+
+# pcap-linktype(7)
+LINKTYPE_EN10MB = 1
+LINKTYPE_RAW = 101
+LINKTYPE_LINUX_SLL = 113
+LINKTYPE_IPV4 = 228
+LINKTYPE_IPV6 = 229
+LINKTYPE_NFLOG = 239
+LINKTYPE_LINUX_SLL2 = 276
+ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
+VLAN_TPIDS = frozenset((0x8100, 0x88A8, 0x9100))
+
+PCAP_MAGIC_US = 0xA1B2C3D4
+PCAP_MAGIC_NS = 0xA1B23C4D
+BT_SHB = 0x0A0D0D0A
+BT_IDB = 0x00000001
+BT_PB = 0x00000002  # obsolete Packet Block
+BT_SPB = 0x00000003
+BT_EPB = 0x00000006
+BYTE_ORDER_MAGIC = 0x1A2B3C4D
+OPT_COMMENT = 1
+IF_NAME = 2
+IF_TSRESOL = 9
+IF_TSOFFSET = 14
+
+_BE16 = struct.Struct("!H")
+
+Warn = Callable[[str], None]
+
+
+def _stderr_warning(msg: str) -> None:
+    print(f"ipsec-capture: warning: {msg}", file=sys.stderr)
+
+
+@dataclass(slots=True)
+class _Iface:
+    linktype: int
+    name: str
+    ts_div: int  # file ticks per second
+    ts_offset: int  # seconds added to every stamp (if_tsoffset)
+
+
+def _ip_from_frame(linktype: int, data: memoryview) -> memoryview | None:
+    """The IP packet inside a non-NFLOG frame; None for frames that carry none (ARP, ...)."""
+    if linktype in (LINKTYPE_RAW, LINKTYPE_IPV4, LINKTYPE_IPV6):
+        return data
+    if linktype == LINKTYPE_EN10MB:
+        off = 12
+        while off + 2 <= len(data):
+            etype = _BE16.unpack_from(data, off)[0]
+            if etype in VLAN_TPIDS:
+                off += 4
+                continue
+            return data[off + 2:] if etype in (ETH_P_IP, ETH_P_IPV6) else None
+        return None
+    if linktype == LINKTYPE_LINUX_SLL:
+        if len(data) < 16:
+            return None
+        return data[16:] if _BE16.unpack_from(data, 14)[0] in (ETH_P_IP, ETH_P_IPV6) else None
+    if linktype == LINKTYPE_LINUX_SLL2:
+        if len(data) < 20:
+            return None
+        return data[20:] if _BE16.unpack_from(data, 0)[0] in (ETH_P_IP, ETH_P_IPV6) else None
+    raise UserError(f"link type {linktype} is not supported: use NFLOG, raw IP, Ethernet or Linux cooked")
+
+
+def _record(path: str, off: int, iface: _Iface, time_ns: int, data: memoryview, orig: int,
+            comment: str | None) -> Record | None:
+    if iface.linktype == LINKTYPE_NFLOG:
+        try:
+            rec = parse_body(data, time_ns, detect_tlv_order(data))
+        except UserError as err:
+            raise UserError(f"{path}: bad NFLOG packet in the block at offset {off}: {err}") from None
+        rec.time_ns = time_ns
+        rec.point = rec.point or iface.name
+        if orig > len(data):
+            rec.length = len(rec.payload) + orig - len(data)
+    else:
+        ip = _ip_from_frame(iface.linktype, data)
+        if ip is None:
+            return None
+        rec = Record(time_ns, iface.name, ip, family_of(ip), length=orig - (len(data) - len(ip)))
+    rec.family = rec.family or family_of(rec.payload)
+    rec.comment = comment
+    return rec
+
+
+def read_records(path: str, warn: Warn = _stderr_warning) -> Iterator[Record]:
+    """Every IP packet of a pcap or pcapng file, in file order."""
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed by the generator's finally
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
+    try:
+        head = fh.read(4)
+        if len(head) < 4:
+            raise UserError(f"{path}: not a pcap or pcapng file (only {len(head)} bytes)")
+        magic_le = struct.unpack("<I", head)[0]
+        if magic_le == BT_SHB:
+            yield from _read_pcapng(fh, path, head, warn)
+        elif magic_le in (PCAP_MAGIC_US, PCAP_MAGIC_NS) or struct.unpack(">I", head)[0] in (
+                PCAP_MAGIC_US, PCAP_MAGIC_NS):
+            yield from _read_pcap(fh, path, head, warn)
+        else:
+            raise UserError(f"{path}: not a pcap or pcapng file (magic 0x{magic_le:08x} at offset 0)")
+    finally:
+        fh.close()
+
+
+def _read_pcap(fh: BinaryIO, path: str, head: bytes, warn: Warn) -> Iterator[Record]:
+    order = "<" if struct.unpack("<I", head)[0] in (PCAP_MAGIC_US, PCAP_MAGIC_NS) else ">"
+    nsec = struct.unpack(order + "I", head)[0] == PCAP_MAGIC_NS
+    rest = fh.read(20)
+    if len(rest) < 20:
+        raise UserError(f"{path}: pcap file header cut short at offset {4 + len(rest)}")
+    linktype = struct.unpack(order + "HHiIII", rest)[5] & 0x0FFFFFFF  # upper bits: FCS info
+    iface = _Iface(linktype, f"if{0}", 1_000_000_000 if nsec else 1_000_000, 0)
+    rec_hdr = struct.Struct(order + "IIII")
+    mult = 1 if nsec else 1000
+    off = 24
+    count = 0
+    while True:
+        hdr = fh.read(16)
+        if not hdr:
+            return
+        if len(hdr) < 16:
+            warn(f"{path}: last packet header at offset {off} is cut short; read {count} packets")
+            return
+        sec, frac, incl, orig = rec_hdr.unpack(hdr)
+        if incl > 0x4000000:  # 64 MiB: no packet is that big; the file is not what it claims
+            raise UserError(f"{path}: malformed pcap record at offset {off}: captured length {incl}")
+        data = fh.read(incl)
+        if len(data) < incl:
+            warn(f"{path}: last packet at offset {off} is cut short; read {count} packets")
+            return
+        rec = _record(path, off, iface, sec * 1_000_000_000 + frac * mult, memoryview(data), orig, None)
+        off += 16 + incl
+        if rec is not None:
+            count += 1
+            yield rec
+
+
+def _options(body: memoryview, start: int, order: str) -> Iterator[tuple[int, memoryview]]:
+    opt = struct.Struct(order + "HH")
+    off = start
+    while off + 4 <= len(body):
+        code, length = opt.unpack_from(body, off)
+        if code == 0:
+            return
+        value = body[off + 4: off + 4 + length]
+        if len(value) < length:
+            return  # options run past the block: ignore the rest rather than refuse the packet
+        yield code, value
+        off += 4 + length + (-length % 4)
+
+
+def _text(value: memoryview) -> str:
+    return bytes(value).rstrip(b"\0").decode("utf-8", "replace")
+
+
+def _read_pcapng(fh: BinaryIO, path: str, head: bytes, warn: Warn) -> Iterator[Record]:
+    order = "<"
+    ifaces: list[_Iface] = []
+    off = 0
+    count = 0
+    pending = head
+    while True:
+        hdr = pending + fh.read(8 - len(pending)) if pending else fh.read(8)
+        pending = b""
+        if not hdr:
+            return
+        if len(hdr) < 8:
+            warn(f"{path}: last block at offset {off} is cut short; read {count} packets")
+            return
+        btype = struct.unpack_from(order + "I", hdr)[0]
+        if btype == BT_SHB:
+            bom = fh.read(4)
+            if len(bom) < 4:
+                warn(f"{path}: section header at offset {off} is cut short; read {count} packets")
+                return
+            if struct.unpack("<I", bom)[0] == BYTE_ORDER_MAGIC:
+                order = "<"
+            elif struct.unpack(">I", bom)[0] == BYTE_ORDER_MAGIC:
+                order = ">"
+            else:
+                raise UserError(f"{path}: bad byte-order magic in the section header at offset {off}")
+            ifaces = []
+            blen = struct.unpack_from(order + "I", hdr, 4)[0]
+            consumed = 12
+        else:
+            blen = struct.unpack_from(order + "I", hdr, 4)[0]
+            consumed = 8
+        if blen < 12 or blen % 4 or blen > 0x4000000:
+            raise UserError(f"{path}: malformed pcapng block at offset {off}: length {blen}")
+        rest = fh.read(blen - consumed)
+        if len(rest) < blen - consumed:
+            warn(f"{path}: last block at offset {off} is cut short; read {count} packets")
+            return
+        block = memoryview(hdr[:8] + (bom if btype == BT_SHB else b"") + rest)
+        if struct.unpack_from(order + "I", block, blen - 4)[0] != blen:
+            raise UserError(f"{path}: malformed pcapng block at offset {off}: trailing length differs")
+        body = block[8:blen - 4]
+        if btype == BT_IDB:
+            ifaces.append(_idb(path, off, body, order, len(ifaces)))
+        elif btype in (BT_EPB, BT_PB, BT_SPB):
+            rec = _packet(path, off, btype, body, order, ifaces)
+            if rec is not None:
+                count += 1
+                yield rec
+        off += blen
+
+
+def _idb(path: str, off: int, body: memoryview, order: str, index: int) -> _Iface:
+    if len(body) < 8:
+        raise UserError(f"{path}: malformed interface block at offset {off}")
+    linktype = struct.unpack_from(order + "H", body)[0]
+    iface = _Iface(linktype, f"if{index}", 1_000_000, 0)
+    for code, value in _options(body, 8, order):
+        if code == IF_NAME:
+            iface.name = _text(value) or iface.name
+        elif code == IF_TSRESOL and len(value) >= 1:
+            r = value[0]
+            iface.ts_div = 2 ** (r & 0x7F) if r & 0x80 else 10 ** min(r, 18)
+        elif code == IF_TSOFFSET and len(value) >= 8:
+            iface.ts_offset = struct.unpack_from(order + "q", value)[0]
+    return iface
+
+
+def _packet(path: str, off: int, btype: int, body: memoryview, order: str,
+            ifaces: list[_Iface]) -> Record | None:
+    if btype == BT_SPB:
+        if len(body) < 4 or not ifaces:
+            raise UserError(f"{path}: malformed simple packet block at offset {off}")
+        orig = struct.unpack_from(order + "I", body)[0]
+        data = body[4:4 + min(orig, len(body) - 4)]
+        return _record(path, off, ifaces[0], 0, data, orig, None)
+    if btype == BT_EPB:
+        if len(body) < 20:
+            raise UserError(f"{path}: malformed packet block at offset {off}")
+        iid, hi, lo, caplen, orig = struct.unpack_from(order + "IIIII", body)
+        start = 20
+    else:
+        if len(body) < 20:
+            raise UserError(f"{path}: malformed packet block at offset {off}")
+        iid, _drops, hi, lo, caplen, orig = struct.unpack_from(order + "HHIIII", body)
+        start = 20
+    if iid >= len(ifaces):
+        raise UserError(f"{path}: packet block at offset {off} names interface {iid}, "
+                        f"but only {len(ifaces)} are defined")
+    if start + caplen > len(body):
+        raise UserError(f"{path}: malformed packet block at offset {off}: captured length {caplen}")
+    data = body[start:start + caplen]
+    comment = None
+    for code, value in _options(body, start + caplen + (-caplen % 4), order):
+        if code == OPT_COMMENT:
+            comment = _text(value)
+            break
+    iface = ifaces[iid]
+    ticks = (hi << 32) | lo
+    sec, frac = divmod(ticks, iface.ts_div)
+    time_ns = (sec + iface.ts_offset) * 1_000_000_000 + frac * 1_000_000_000 // iface.ts_div
+    return _record(path, off, iface, time_ns, data, orig, comment)
