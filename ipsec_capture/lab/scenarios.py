@@ -307,10 +307,13 @@ def teardown(prefix: str, state: LabState | None = None) -> list[str]:
 _LIFETIME_RE = re.compile(r"spi (0x[0-9a-f]+).*?lifetime current:\s*(\d+)\(bytes\), (\d+)\(packets\)", re.S)
 
 
-def sa_packets(netns: str) -> dict[int, int]:
-    """Packets per SPI from `ip -s xfrm state` (the kernel's own ESP counters)."""
-    text = run("ip", "-s", "-n", netns, "xfrm", "state").stdout
+def parse_sa_packets(text: str) -> dict[int, int]:
+    """Packets per SPI in `ip -s xfrm state` output (the kernel's own ESP counters)."""
     return {int(spi, 16): int(pkts) for spi, _, pkts in _LIFETIME_RE.findall(text)}
+
+
+def sa_packets(netns: str) -> dict[int, int]:
+    return parse_sa_packets(run("ip", "-s", "-n", netns, "xfrm", "state").stdout)
 
 
 def xfrm_stat(netns: str) -> dict[str, int]:

@@ -343,7 +343,8 @@ class LabVM:
                 return conn
             except TimeoutError:
                 continue
-        raise VMError(f"QEMU never connected the agent port; qemu said: {self._qemu_err()}")
+        raise VMError(f"the lab VM did not boot within {self.boot_timeout:.0f} s (QEMU never connected "
+                      f"the agent port; qemu: {self._qemu_err()}); console tail:\n{self.console_tail()}")
 
     def stop(self) -> None:
         """Shut the guest down (kill QEMU if it dawdles) and remove every temp file."""
