@@ -80,3 +80,5 @@ def test_kernel_events_write_drops_and_counters_of_the_namespace(netns_pair, tmp
     assert len(drops) >= 2, got
     assert summary["events"]["xfrm_stat"] == sum(e.source == "xfrm_stat" for e in got)
     assert summary["events"]["kfree_skb"] >= 2
+    if "xfrm_monitor" in summary["events"]:  # the xfrm room's monitor, plugged in as a source
+        assert any(e.source == "xfrm_monitor" and e.kind == "acquire" for e in got), got
