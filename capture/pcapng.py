@@ -96,6 +96,7 @@ class PcapngWriter:
         self._buf = bytearray()
         self.committed = 0  # bytes on disk, always at a block boundary
         self.packets = 0
+        self.packets_committed = 0  # packets in `committed` (what a crash or full disk keeps)
         self._failed = False
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -204,6 +205,7 @@ class PcapngWriter:
             raise
         view.release()
         self.committed += done
+        self.packets_committed = self.packets
         self._buf.clear()
 
     def close(self) -> None:

@@ -1,0 +1,76 @@
+"""`ipsec-capture start`: the live capture command."""
+
+from __future__ import annotations
+
+import argparse
+
+from ipsec_capture.capture.start import EXIT_LOST, StartOptions, run_start
+
+from ipsec_capture.errors import UserError
+
+BACKENDS = ("auto", "nft", "iptables", "iptables-legacy", "iptables-nft")
+
+
+def _points_help() -> str:
+    try:
+        from ipsec_capture.rules.points import POINTS
+    except ImportError:  # rules room absent: help still works
+        return "comma-separated capture points (default: all)"
+    return "comma-separated capture points (default: all): " + ", ".join(POINTS)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "start", help="capture IPsec traffic at named capture points into a pcapng file",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Install NFLOG rules at the capture points (ESP/IKE on the wire, the cleartext "
+                    "before encryption and after decryption), read the NFLOG group and write every "
+                    "packet to a pcapng file, one interface per capture point. Stop with Ctrl-C or "
+                    "SIGTERM: the rules are removed and the file is complete.",
+        epilog="A line starting with `ready` goes to stderr once the rules are in and the reader "
+               "runs (also with --quiet), so scripts know when to start traffic.\n"
+               f"Exit status: 0 on success; {EXIT_LOST} if the kernel dropped packets before we "
+               "read them (the summary says how many); 2 for bad arguments or a failure; 77 when "
+               "not root.\n\nexample: sudo ipsec-capture start --group 5 -w out.pcapng")
+    p.add_argument("--group", "-g", type=int, required=True, metavar="N",
+                   help="NFLOG group to use (0..65535); must not be read by anyone else")
+    p.add_argument("-w", "--write", required=True, metavar="FILE",
+                   help="pcapng file to write (created mode 0600; replaced if it exists)")
+    p.add_argument("--points", metavar="LIST", help=_points_help())
+    p.add_argument("--backend", default="auto", choices=BACKENDS, metavar="NAME",
+                   help="rule backend: auto (nft if usable, else iptables), nft, iptables; default auto")
+    p.add_argument("-c", "--count", type=int, default=0, metavar="COUNT",
+                   help="stop after writing COUNT packets (default: no limit)")
+    p.add_argument("--duration", type=float, default=0.0, metavar="S",
+                   help="stop after S seconds (default: no limit)")
+    p.add_argument("-s", "--snaplen", type=int, default=262144, metavar="SNAPLEN",
+                   help="bytes of each packet to keep (the kernel caps NFLOG copies at 65531)")
+    p.add_argument("--netns", metavar="NAME", help="capture inside this network namespace (ip netns); "
+                                                   "the rules go there too")
+    p.add_argument("--no-rules", action="store_true",
+                   help="install no rules: only read the group (you installed NFLOG rules yourself)")
+    p.add_argument("--host", metavar="ADDR",
+                   help="write only packets from or to this IPv4/IPv6 address")
+    p.add_argument("--spi", metavar="SPI",
+                   help="write only ESP packets with this SPI (hex 0x... or decimal; NAT-T included)")
+    p.add_argument("--linktype", choices=("nflog", "raw"), default="nflog",
+                   help="nflog (default: Wireshark shows point, hook, devices) or raw (plain IP, "
+                        "for tools without NFLOG support)")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="no status line and no text summary (the `ready` line is still printed)")
+    p.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout")
+    p.add_argument("--rcvbuf", type=int, default=None, help=argparse.SUPPRESS)  # tests: force overload
+    p.set_defaults(func=cmd_start)
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    points = None
+    if args.points is not None:
+        points = [s.strip() for s in args.points.split(",") if s.strip()]
+        if not points:
+            raise UserError("--points is empty: name at least one capture point")
+    opts = StartOptions(group=args.group, write=args.write, points=points, backend=args.backend,
+                        count=args.count, duration=args.duration, snaplen=args.snaplen,
+                        netns=args.netns, rules=not args.no_rules, host=args.host, spi=args.spi,
+                        linktype=args.linktype, quiet=args.quiet, rcvbuf=args.rcvbuf)
+    return run_start(opts, json_out=args.json)

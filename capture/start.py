@@ -1,0 +1,285 @@
+"""`ipsec-capture start`: rules in, reader bound, packets to pcapng, everything out again.
+
+Order of a capture, and why:
+  1. validate, check root, create the output file (an unwritable path fails before any rule);
+  2. bind the NFLOG group (a group read by tcpdump fails here, still before any rule);
+  3. install the rules (rules/guard.py removes them on every exit path);
+  4. start the companions (key-file keeper, kernel event sources), then print `ready`;
+  5. read until a stop signal, --count or --duration; drain; stop companions; rules out; close.
+Stop signals only set a flag, so a stop never lands in the middle of a write: the file always
+ends on a whole block. Lost packets (ENOBUFS, sequence gaps) make the exit status non-zero.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import select
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ipsec_capture.capture.filters import build_filter
+from ipsec_capture.capture.nflog import NflogReader
+from ipsec_capture.capture.pcapng import PcapngWriter
+from ipsec_capture.capture.status import StatusLine, human_bytes
+
+from ipsec_capture.errors import UserError, require_root
+from ipsec_capture.netns import entered, netns_path
+
+EXIT_LOST = 3  # the capture finished but the kernel dropped packets we never saw
+POLL_MS = 100
+FLUSH_EVERY = 0.2  # seconds: what a crash can lose at most (the file stays whole-block)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Companion(Protocol):
+    """Something that runs beside a capture (esp_sa keeper, kernel event source).
+
+    `start` is called after the rules are in and before `ready` is printed; `stop` after the reader
+    stopped, and returns a JSON-serialisable summary that goes into the capture's summary.
+    """
+
+    name: str
+
+    def start(self) -> None: ...
+
+    def stop(self) -> dict: ...
+
+
+@dataclass(slots=True)
+class StartOptions:
+    group: int
+    write: str
+    points: Sequence[str] | None = None
+    backend: str = "auto"
+    count: int = 0
+    duration: float = 0.0
+    snaplen: int = 262144
+    netns: str | None = None
+    rules: bool = True
+    host: str | None = None
+    spi: str | None = None
+    linktype: str = "nflog"
+    quiet: bool = False
+    rcvbuf: int | None = None
+
+
+@dataclass(slots=True)
+class CaptureStats:
+    points: dict[str, int] = field(default_factory=dict)  # packets written per capture point
+    written: int = 0
+    filtered_out: int = 0
+    received: int = 0
+    lost: int = 0
+    enobufs: int = 0
+    bytes: int = 0
+    started: float = 0.0  # wall clock
+    elapsed: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """For the summary and the events log (source `capture`)."""
+        return {"points": dict(self.points), "packets": self.written, "received": self.received,
+                "filtered_out": self.filtered_out, "lost": self.lost, "enobufs": self.enobufs,
+                "bytes": self.bytes, "duration_s": round(self.elapsed, 3),
+                "rate_pps": round(self.written / self.elapsed, 1) if self.elapsed > 0 else 0.0}
+
+
+def _ifname_in(netns: str | None) -> Callable[[int], str]:
+    """ifindex -> name as the capture's namespace sees it (cached; looked up there on a miss)."""
+    names: dict[int, str] = {}
+
+    def lookup(index: int) -> str:
+        name = names.get(index)
+        if name is None:
+            try:
+                with entered(netns):
+                    name = socket.if_indextoname(index)
+            except (OSError, UserError):
+                name = f"if{index}"
+            names[index] = name
+        return name
+
+    return lookup
+
+
+class Capture:
+    def __init__(self, opts: StartOptions, companions: Sequence[Companion] = (),
+                 ready: Callable[[str], None] | None = None) -> None:
+        self.opts = opts
+        self.companions = list(companions)
+        self.stats = CaptureStats()
+        self.stopped_by = ""
+        self.backend = "none" if not opts.rules else opts.backend
+        self._ready = ready or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._stop: str | None = None
+        self._filter = build_filter(opts.host, opts.spi)
+        self._validate()
+
+    def _validate(self) -> None:
+        o = self.opts
+        if not 0 <= o.group <= 0xFFFF:
+            raise UserError(f"NFLOG group {o.group} out of range: use 0..65535")
+        if o.count < 0:
+            raise UserError("-c/--count must be 0 (no limit) or more")
+        if o.duration < 0:
+            raise UserError("--duration must be 0 (no limit) or more seconds")
+        if not 1 <= o.snaplen <= 262144:
+            raise UserError(f"-s/--snaplen {o.snaplen} out of range: use 1..262144")
+        if o.netns is not None:
+            netns_path(o.netns)
+
+    def stats_dict(self) -> dict[str, Any]:
+        return self.stats.as_dict()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._stop = signal.Signals(signum).name
+
+    def run(self) -> dict[str, Any]:
+        """Capture until stopped; returns the summary. Raises UserError for what the user can fix."""
+        o = self.opts
+        require_root("ipsec-capture start")
+        rs = None
+        if o.rules:
+            from ipsec_capture.rules.manager import build
+            rs = build(o.group, o.points, o.backend, o.netns)
+            self.backend = rs.backend
+        note = f"ipsec-capture start --group {o.group}" + (f" --netns {o.netns}" if o.netns else "")
+        with (PcapngWriter(o.write, linktype=o.linktype, snaplen=o.snaplen, ifname=_ifname_in(o.netns),
+                           comment=note) as writer,
+              NflogReader(o.group, snaplen=o.snaplen, netns=o.netns, rcvbuf=o.rcvbuf) as reader):
+            guard: AbstractContextManager[Any] = nullcontext()
+            if rs is not None:
+                from ipsec_capture.rules.guard import installed
+                from ipsec_capture.rules.points import POINTS
+                guard = installed(rs)
+                for name in rs.points:
+                    writer.interface(name, POINTS[name].description)
+            with guard:
+                self._capture(writer, reader, rs.points if rs else ())
+        self.stats.bytes = writer.committed
+        return self.summary()
+
+    def _capture(self, writer: PcapngWriter, reader: NflogReader, points: Sequence[str]) -> None:
+        o = self.opts
+        old = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        started: list[Companion] = []
+        try:
+            for comp in self.companions:
+                comp.start()
+                started.append(comp)
+            where = f" in netns {o.netns}" if o.netns else ""
+            what = (f"{self.backend} rules at {len(points)} points" if points
+                    else "no rules of ours (--no-rules)")
+            self._ready(f"ready: capturing NFLOG group {o.group}{where} ({what}) into {o.write}")
+            self._loop(writer, reader)
+        finally:
+            summaries = {}
+            for comp in started:
+                try:
+                    summaries[comp.name] = comp.stop()
+                except Exception as err:  # one failing companion must not cost the capture
+                    summaries[comp.name] = {"error": str(err)}
+            self.companion_summaries = summaries
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+    def _loop(self, writer: PcapngWriter, reader: NflogReader) -> None:
+        o = self.opts
+        st = self.stats
+        rstats = reader.stats
+        counts = st.points
+        keep = self._filter
+        write = writer.write
+        default_point = f"nflog-{o.group}"
+        status = None if o.quiet else StatusLine()
+        poller = select.poll()
+        poller.register(reader.fileno(), select.POLLIN)
+        t0 = time.monotonic()
+        st.started = time.time()
+        deadline = t0 + o.duration if o.duration else None
+        last_flush = t0
+        limit = o.count
+        try:
+            while self._stop is None:
+                batch = reader.read_batch()
+                if not batch:
+                    poller.poll(POLL_MS)
+                for rec in batch:
+                    if keep is not None and not keep(rec.payload):
+                        st.filtered_out += 1
+                        continue
+                    point = rec.point
+                    if not point:
+                        rec.point = point = default_point
+                    write(rec)
+                    counts[point] = counts.get(point, 0) + 1
+                    st.written += 1
+                    if limit and st.written >= limit:
+                        self._stop = "count"
+                        break
+                now = time.monotonic()
+                if deadline is not None and now >= deadline and self._stop is None:
+                    self._stop = "duration"
+                if now - last_flush >= FLUSH_EVERY:
+                    writer.flush()
+                    last_flush = now
+                if status is not None and status.due(now):
+                    status.show(now, counts, st.written, rstats.lost + rstats.enobufs, writer.size)
+            writer.flush()
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise UserError(
+                    f"cannot write {o.write}: {err.strerror}; capture stopped, rules removed; the "
+                    f"file is complete up to the last whole block ({writer.packets_committed} packets)"
+                ) from None
+            if err.filename is None and err.errno in (errno.EIO, errno.EROFS):
+                raise UserError(f"cannot write {o.write}: {err.strerror}; capture stopped, rules "
+                                f"removed") from None
+            raise
+        finally:
+            self.stopped_by = self._stop or "error"
+            st.elapsed = time.monotonic() - t0
+            st.received, st.lost, st.enobufs = rstats.received, rstats.lost, rstats.enobufs
+            if status is not None:
+                status.clear()
+
+    def summary(self) -> dict[str, Any]:
+        o = self.opts
+        return {"file": o.write, "group": o.group, "netns": o.netns, "backend": self.backend,
+                "linktype": o.linktype, "stopped_by": self.stopped_by, **self.stats.as_dict(),
+                "companions": getattr(self, "companion_summaries", {}),
+                "complete": self.stats.lost == 0 and self.stats.enobufs == 0}
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [f"{s['packets']} packets written to {s['file']} ({human_bytes(s['bytes'])}) in "
+             f"{s['duration_s']:.1f} s, stopped by {s['stopped_by']}"]
+    for name, n in s["points"].items():
+        lines.append(f"  {name:<16} {n}")
+    if s["filtered_out"]:
+        lines.append(f"  not matching --host/--spi: {s['filtered_out']}")
+    if s["complete"]:
+        lines.append("no packets lost")
+    else:
+        lines.append(f"PACKETS LOST: {s['lost']} missing from the NFLOG sequence, {s['enobufs']} times the "
+                     f"kernel reported its queue to us full (ENOBUFS): the file is incomplete; use "
+                     f"--points, --snaplen or --host/--spi to capture less")
+    for name, comp in s["companions"].items():
+        lines.append(f"  {name}: {json.dumps(comp, sort_keys=True)}")
+    return "\n".join(lines)
+
+
+def run_start(opts: StartOptions, json_out: bool = False,
+              companions: Sequence[Companion] = ()) -> int:
+    summary = Capture(opts, companions).run()
+    if json_out:
+        print(json.dumps(summary, sort_keys=True))
+    if not opts.quiet or not summary["complete"]:
+        print(format_summary(summary), file=sys.stderr)
+    return 0 if summary["complete"] else EXIT_LOST
