@@ -12,14 +12,16 @@ ends on a whole block. Lost packets (ENOBUFS, sequence gaps) make the exit statu
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import os
 import select
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -118,6 +120,9 @@ class Capture:
         self.backend = "none" if not opts.rules else opts.backend
         self._ready = ready or (lambda line: print(line, file=sys.stderr, flush=True))
         self._stop: str | None = None
+        self._announced = False
+        self._created = False
+        self._bytes = 0
         self._filter = build_filter(opts.host, opts.spi)
         self._validate()
 
@@ -149,9 +154,22 @@ class Capture:
             from ipsec_capture.rules.manager import build
             rs = build(o.group, o.points, o.backend, o.netns)
             self.backend = rs.backend
+        try:
+            self._run(rs)
+        except BaseException:
+            if self._created and not self._announced:  # failed before `ready`: leave no empty capture behind
+                with contextlib.suppress(OSError):
+                    os.unlink(o.write)
+            raise
+        self.stats.bytes = self._bytes
+        return self.summary()
+
+    def _run(self, rs: Any) -> None:
+        o = self.opts
         note = f"ipsec-capture start --group {o.group}" + (f" --netns {o.netns}" if o.netns else "")
         with (PcapngWriter(o.write, linktype=o.linktype, snaplen=o.snaplen, ifname=_ifname_in(o.netns),
                            comment=note) as writer,
+              self._created_flag(),
               NflogReader(o.group, snaplen=o.snaplen, netns=o.netns, rcvbuf=o.rcvbuf) as reader):
             guard: AbstractContextManager[Any] = nullcontext()
             if rs is not None:
@@ -162,8 +180,12 @@ class Capture:
                     writer.interface(name, POINTS[name].description)
             with guard:
                 self._capture(writer, reader, rs.points if rs else ())
-        self.stats.bytes = writer.committed
-        return self.summary()
+        self._bytes = writer.committed
+
+    @contextlib.contextmanager
+    def _created_flag(self) -> Iterator[None]:
+        self._created = True  # the writer made the file: ours to remove if we fail before `ready`
+        yield
 
     def _capture(self, writer: PcapngWriter, reader: NflogReader, points: Sequence[str]) -> None:
         o = self.opts
@@ -176,6 +198,7 @@ class Capture:
             where = f" in netns {o.netns}" if o.netns else ""
             what = (f"{self.backend} rules at {len(points)} points" if points
                     else "no rules of ours (--no-rules)")
+            self._announced = True
             self._ready(f"ready: capturing NFLOG group {o.group}{where} ({what}) into {o.write}")
             self._loop(writer, reader)
         finally:
