@@ -36,6 +36,8 @@ from ipsec_capture.netns import entered, netns_path
 
 EXIT_LOST = 3  # the capture finished but the kernel dropped packets we never saw
 POLL_MS = 100
+DRAIN_S = 0.05  # > the nflog batch timeout (10 ms)
+DRAIN_POLL_MS = 10
 FLUSH_EVERY = 0.2  # seconds: what a crash can lose at most (the file stays whole-block)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -229,10 +231,21 @@ class Capture:
         last_flush = t0
         limit = o.count
         try:
-            while self._stop is None:
+            drain_until = None
+            while True:
+                if self._stop is not None:
+                    if self._stop == "count":
+                        break
+                    # Packets logged just before the stop are still in the kernel's batch (flushed
+                    # after TIMEOUT_CS): read them too, so "sent before Ctrl-C" means "in the file".
+                    now = time.monotonic()
+                    if drain_until is None:
+                        drain_until = now + DRAIN_S
+                    elif now >= drain_until:
+                        break
                 batch = reader.read_batch()
                 if not batch:
-                    poller.poll(POLL_MS)
+                    poller.poll(DRAIN_POLL_MS if drain_until else POLL_MS)
                 for rec in batch:
                     if keep is not None and not keep(rec.payload):
                         st.filtered_out += 1
