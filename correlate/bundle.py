@@ -1,0 +1,86 @@
+"""Open one capture's bundle for the report: the packets, the events log and the keys beside it
+(ipsec_capture.bundle.Bundle names them), each optional except the packets, with what is missing
+said in words so the report can tell the user what it could not do.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ipsec_capture.bundle import Bundle
+from ipsec_capture.errors import UserError
+from ipsec_capture.models import Event, Record
+
+
+@dataclass(slots=True)
+class Inputs:
+    """What one analysis reads. `records()` and `events()` open a fresh stream each call, so the
+    notebook API can iterate a bundle more than once without holding it in memory."""
+
+    name: str
+    records: Callable[[], Iterable[Record]]
+    events: Callable[[], Iterable[Event]]
+    header: dict[str, Any] = field(default_factory=dict)
+    sas: list[Any] = field(default_factory=list)
+    capture_path: str | None = None
+    events_path: str | None = None
+    keys_path: str | None = None
+    missing: list[str] = field(default_factory=list)
+
+
+def _read_records(path: str) -> Iterator[Record]:
+    try:
+        from ipsec_capture.capture.pcapread import read_records
+    except ModuleNotFoundError as err:
+        raise UserError("this build has no capture reader (ipsec_capture.capture.pcapread): "
+                        "update ipsec-capture") from err
+    return read_records(path)
+
+
+def open_bundle(capture: str | os.PathLike[str], events: str | os.PathLike[str] | None = None,
+                keys: str | os.PathLike[str] | None = None) -> Inputs:
+    """The capture plus its companions; explicit `events`/`keys` paths must exist, the default
+    ones beside the capture may be absent (the report then says what it could not tell)."""
+    from ipsec_capture.bpf.eventlog import read_events
+
+    cap = Path(capture)
+    if not cap.is_file():
+        raise UserError(f"capture {cap} not found (give the .pcapng written by `ipsec-capture start`)")
+    b = Bundle.for_capture(cap)
+    ev_path = Path(events) if events is not None else b.events
+    key_path = Path(keys) if keys is not None else b.keys
+    missing: list[str] = []
+    for given, path, what in ((events, ev_path, "events log"), (keys, key_path, "key file")):
+        if given is not None and not path.is_file():
+            raise UserError(f"{what} {path} not found")
+    header: dict[str, Any] = {}
+    if ev_path.is_file():
+        header, it = read_events(ev_path)
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+        def event_stream() -> Iterable[Event]:
+            return read_events(ev_path)[1]
+    else:
+        missing.append(f"no events log ({ev_path.name}): kernel verdicts come only from cleartext matches")
+        ev_path = None
+
+        def event_stream() -> Iterable[Event]:
+            return iter(())
+    sas: list[Any] = []
+    if key_path.is_file():
+        from ipsec_capture.xfrm.keyfile import load_sas
+
+        sas = load_sas(key_path)
+    else:
+        missing.append(f"no key file ({key_path.name}): cleartext is matched by addresses, IP ID and time")
+        key_path = None
+    path = os.fspath(cap)
+    return Inputs(name=cap.name, records=lambda: _read_records(path), events=event_stream, header=header,
+                  sas=sas, capture_path=path, events_path=None if ev_path is None else os.fspath(ev_path),
+                  keys_path=None if key_path is None else os.fspath(key_path), missing=missing)

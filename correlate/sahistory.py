@@ -1,0 +1,152 @@
+"""SA history: which SA held an SPI at a given moment, built from the SA snapshot taken at capture
+start and the XFRM monitor events after it.
+
+The join asks "was there an SA for SPI X at time T, and if not, was one deleted before, when?"
+for every packet it cannot explain, so lookups are by (SPI) with a short list of lifetimes each.
+Memory grows with the number of SAs, never with packets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ipsec_capture.models import Event
+
+SA_KINDS = frozenset({"sa-new", "sa-update", "sa-delete", "expire"})
+
+
+@dataclass(slots=True)
+class SaLife:
+    """One SA's life in the capture: from its snapshot or sa-new to its sa-delete (if seen)."""
+
+    spi: int
+    src: str
+    dst: str
+    netns: int | None = None
+    mode: str = ""
+    reqid: int = 0
+    encap: bool = False
+    algorithm: str = ""
+    start_ns: int | None = None  # None: existed before the capture started (snapshot)
+    end_ns: int | None = None  # None: still there at the end
+    expired_ns: int | None = None  # hard expire seen
+    soft_expired_ns: int | None = None
+    from_snapshot: bool = False
+
+    def alive(self, t: int) -> bool:
+        return (self.start_ns is None or self.start_ns <= t) and (self.end_ns is None or t < self.end_ns)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spi": f"0x{self.spi:08x}", "src": self.src, "dst": self.dst, "netns": self.netns,
+                "mode": self.mode, "reqid": self.reqid, "encap": self.encap, "algorithm": self.algorithm,
+                "start_ns": self.start_ns, "end_ns": self.end_ns, "expired_ns": self.expired_ns,
+                "from_snapshot": self.from_snapshot}
+
+
+def _sa_dict(ev: Event) -> dict[str, Any] | None:
+    d = ev.detail.get("sa") if ev.detail else None
+    if isinstance(d, dict):
+        return d
+    if ev.detail and "spi" in ev.detail and "dst" in ev.detail:
+        return ev.detail
+    return None
+
+
+def _algorithm(d: dict[str, Any]) -> str:
+    for name in ("aead", "enc"):
+        alg = d.get(name)
+        if isinstance(alg, dict) and alg.get("name"):
+            auth = d.get("auth")
+            if name == "enc" and isinstance(auth, dict) and auth.get("name"):
+                return f"{alg['name']}+{auth['name']}"
+            return str(alg["name"])
+    return ""
+
+
+@dataclass(slots=True)
+class SaHistory:
+    """SA lives by SPI, fed Events in time order (`add`), queried by SPI and time."""
+
+    by_spi: dict[int, list[SaLife]] = field(default_factory=dict)
+
+    def add(self, ev: Event) -> SaLife | None:
+        """Take an SA event (snapshot or monitor); other events are ignored. Returns the life."""
+        if ev.source == "sa_snapshot":
+            return self._open(ev, snapshot=True)
+        if ev.source != "xfrm_monitor" or ev.kind not in SA_KINDS:
+            return None
+        if ev.kind in ("sa-new", "sa-update"):
+            life = self._current(ev)
+            if life is not None and ev.kind == "sa-update":
+                return life
+            return self._open(ev, snapshot=False)
+        life = self._current(ev)
+        if life is None:  # deleted/expired an SA we never saw created: it predates the capture
+            life = self._open(ev, snapshot=True)
+            if life is None:
+                return None
+        if ev.kind == "sa-delete":
+            life.end_ns = ev.time_ns
+        elif ev.detail.get("hard", True):
+            life.expired_ns = ev.time_ns
+        else:
+            life.soft_expired_ns = ev.time_ns
+        return life
+
+    def _spi_of(self, ev: Event) -> tuple[int | None, dict[str, Any] | None]:
+        d = _sa_dict(ev)
+        spi = ev.spi if ev.spi is not None else (d.get("spi") if d else None)
+        return spi, d
+
+    def _current(self, ev: Event) -> SaLife | None:
+        spi, d = self._spi_of(ev)
+        dst = (d or {}).get("dst") or (ev.tuple or {}).get("dst")
+        for life in reversed(self.by_spi.get(spi, ()) if spi is not None else ()):
+            if life.end_ns is None and (dst is None or life.dst == dst) and \
+                    (ev.netns is None or life.netns is None or life.netns == ev.netns):
+                return life
+        return None
+
+    def _open(self, ev: Event, snapshot: bool) -> SaLife | None:
+        spi, d = self._spi_of(ev)
+        if spi is None:
+            return None
+        d = d or {}
+        tup = ev.tuple or {}
+        life = SaLife(spi=spi, src=str(d.get("src") or tup.get("src") or "?"),
+                      dst=str(d.get("dst") or tup.get("dst") or "?"), netns=ev.netns,
+                      mode=str(d.get("mode") or ""), reqid=int(d.get("reqid") or 0),
+                      encap=bool(d.get("encap")), algorithm=_algorithm(d),
+                      start_ns=None if snapshot else ev.time_ns, from_snapshot=snapshot)
+        self.by_spi.setdefault(spi, []).append(life)
+        return life
+
+    def at(self, spi: int, t: int, netns: int | None = None) -> SaLife | None:
+        """The SA holding `spi` at `t`, if any."""
+        for life in reversed(self.by_spi.get(spi, ())):
+            if life.alive(t) and (netns is None or life.netns is None or life.netns == netns):
+                return life
+        return None
+
+    def deleted_before(self, spi: int, t: int) -> SaLife | None:
+        """The latest SA with `spi` deleted at or before `t`."""
+        best = None
+        for life in self.by_spi.get(spi, ()):
+            if life.end_ns is not None and life.end_ns <= t and (best is None or life.end_ns > best.end_ns):
+                best = life
+        return best
+
+    def known(self, spi: int) -> bool:
+        return spi in self.by_spi
+
+    def lives(self) -> list[SaLife]:
+        return [life for lives in self.by_spi.values() for life in lives]
+
+    def rekeys(self, life: SaLife) -> int:
+        """How many other SAs the same tunnel (src, dst, reqid) had in the capture."""
+        if not life.reqid:
+            return 0
+        return sum(1 for other in self.lives()
+                   if other is not life and other.reqid == life.reqid and other.src == life.src
+                   and other.dst == life.dst)

@@ -1,0 +1,204 @@
+"""Fold the stream of joined Packets into what the reports show: the per-SA table, drops grouped
+by cause with their evidence, time series for the plots, and a bounded packet list.
+
+Everything here grows with SAs, causes and seconds of capture, never with packets: the packet
+list keeps at most `packet_limit` rows (the report says how many more matched).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ipsec_capture.correlate.causes import CAUSES
+from ipsec_capture.correlate.diagnosis import fmt_time
+from ipsec_capture.correlate.join import Joiner
+from ipsec_capture.correlate.packet import FAILED, OK, UNKNOWN, Packet
+
+SECOND = 1_000_000_000
+
+
+@dataclass(slots=True)
+class PacketFilter:
+    """Which packets the per-packet list shows (`report --spi/--verdict/--cause/--direction`)."""
+
+    spi: int | None = None
+    verdict: str | None = None
+    cause: str | None = None
+    direction: str | None = None
+
+    def __call__(self, p: Packet) -> bool:
+        return ((self.spi is None or p.spi == self.spi) and (self.verdict is None or p.verdict == self.verdict)
+                and (self.cause is None or p.cause == self.cause)
+                and (self.direction is None or p.direction == self.direction))
+
+
+@dataclass(slots=True)
+class SaRow:
+    spi: int | None
+    direction: str
+    src: str
+    dst: str
+    netns: int | None = None
+    packets: int = 0
+    bytes: int = 0
+    ok: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+    unknown: int = 0
+    first_ns: int = 0
+    last_ns: int = 0
+    algorithm: str = ""
+    mode: str = ""
+    rekeys: int = 0
+    created_ns: int | None = None
+    deleted_ns: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spi": None if self.spi is None else f"0x{self.spi:08x}", "direction": self.direction,
+                "src": self.src, "dst": self.dst, "netns": self.netns, "packets": self.packets,
+                "bytes": self.bytes, "ok": self.ok, "failed": dict(sorted(self.failed.items())),
+                "unknown": self.unknown, "first_ns": self.first_ns, "last_ns": self.last_ns,
+                "algorithm": self.algorithm, "mode": self.mode, "rekeys": self.rekeys,
+                "created_ns": self.created_ns, "deleted_ns": self.deleted_ns}
+
+
+@dataclass(slots=True)
+class DropGroup:
+    """Failed packets of one cause and SPI (or kernel-only evidence with no packet captured)."""
+
+    cause: str
+    spi: int | None
+    direction: str
+    packets: int = 0
+    first_ns: int = 0
+    last_ns: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+    example: list[str] = field(default_factory=list)
+    evidence: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        c = CAUSES.get(self.cause)
+        return {"cause": self.cause, "summary": c.summary if c else "", "hint": c.hint if c else "",
+                "spi": None if self.spi is None else f"0x{self.spi:08x}", "direction": self.direction,
+                "packets": self.packets, "first_ns": self.first_ns, "last_ns": self.last_ns,
+                "counters": dict(self.counters), "evidence": self.evidence, "example": list(self.example)}
+
+
+class Summary:
+    """Add Packets as they come (`add`), then `finish(joiner)` once the join is exhausted."""
+
+    def __init__(self, packet_filter: PacketFilter | None = None, packet_limit: int = 1000,
+                 bucket_ns: int = SECOND) -> None:
+        self.filter = packet_filter or PacketFilter()
+        self.packet_limit = packet_limit
+        self.bucket_ns = bucket_ns
+        self.rows: dict[tuple[int | None, str, int | None], SaRow] = {}
+        self.drops: dict[tuple[str, int | None, str], DropGroup] = {}
+        self.packets: list[Packet] = []
+        self.matched = 0
+        self.totals = {OK: 0, FAILED: 0, UNKNOWN: 0}
+        self.rate: dict[str, dict[int, int]] = {}  # SA label -> bucket -> packets
+        self.errors: dict[str, dict[int, int]] = {}  # cause -> bucket -> packets
+        self.first_ns: int | None = None
+        self.last_ns: int | None = None
+
+    def add(self, p: Packet) -> None:
+        self.totals[p.verdict] += 1
+        t = p.time_ns
+        if self.first_ns is None or t < self.first_ns:
+            self.first_ns = t
+        if self.last_ns is None or t > self.last_ns:
+            self.last_ns = t
+        key = (p.spi, p.direction, p.netns)
+        row = self.rows.get(key)
+        if row is None:
+            row = self.rows[key] = SaRow(p.spi, p.direction, p.src, p.dst, p.netns, first_ns=t)
+        row.packets += 1
+        row.bytes += p.length
+        row.last_ns = t
+        bucket = t // self.bucket_ns
+        if p.verdict == OK:
+            row.ok += 1
+        elif p.verdict == FAILED:
+            cause = p.cause or "other"
+            row.failed[cause] = row.failed.get(cause, 0) + 1
+            series = self.errors.setdefault(cause, {})
+            series[bucket] = series.get(bucket, 0) + 1
+            self._drop(p, cause)
+        else:
+            row.unknown += 1
+        label = self.label(p.spi, p.direction)
+        series = self.rate.setdefault(label, {})
+        series[bucket] = series.get(bucket, 0) + 1
+        if self.filter(p):
+            self.matched += 1
+            if self.packet_limit <= 0 or len(self.packets) < self.packet_limit:
+                self.packets.append(p)
+
+    @staticmethod
+    def label(spi: int | None, direction: str) -> str:
+        return f"{direction} {'cleartext' if spi is None else f'0x{spi:08x}'}"
+
+    def _drop(self, p: Packet, cause: str) -> None:
+        key = (cause, p.spi, p.direction)
+        g = self.drops.get(key)
+        if g is None:
+            g = self.drops[key] = DropGroup(cause, p.spi, p.direction, first_ns=p.time_ns,
+                                            example=list(p.evidence))
+        g.packets += 1
+        g.last_ns = p.time_ns
+
+    def finish(self, joiner: Joiner) -> None:
+        """Add what only the end of the join knows: SA facts, counters per group, evidence lines,
+        and kernel failures that no captured packet explains."""
+        history = joiner.history
+        for row in self.rows.values():
+            if row.spi is None:
+                continue
+            lives = [life for life in history.by_spi.get(row.spi, ())
+                     if row.netns is None or life.netns is None or life.netns == row.netns]
+            if lives:
+                life = lives[-1]
+                row.algorithm, row.mode = life.algorithm, life.mode
+                row.created_ns, row.deleted_ns = lives[0].start_ns, lives[-1].end_ns
+                row.rekeys = history.rekeys(life)
+        for inc in joiner.incidents:
+            for spi in inc.spis:
+                g = self.drops.get((inc.cause, spi, inc.direction))
+                if g is not None:
+                    g.counters[inc.name] = g.counters.get(inc.name, 0) + inc.delta
+            rest = inc.delta - inc.attributed if inc.source == "xfrm_stat" else \
+                (0 if inc.spis and (inc.cause, next(iter(inc.spis)), inc.direction) in self.drops else 1)
+            if rest <= 0:
+                continue
+            key = (inc.cause, None, inc.direction)
+            g = self.drops.get(key)
+            if g is None:
+                g = self.drops[key] = DropGroup(inc.cause, None, inc.direction, first_ns=inc.time_ns)
+            g.last_ns = max(g.last_ns, inc.time_ns)
+            g.counters[inc.name] = g.counters.get(inc.name, 0) + rest
+            if inc.detail and inc.detail not in g.example and len(g.example) < 5:
+                g.example.append(inc.detail)
+        for g in self.drops.values():
+            g.evidence = self._evidence(g, joiner)
+
+    @staticmethod
+    def _evidence(g: DropGroup, joiner: Joiner) -> str:
+        parts = []
+        counters = ", ".join(f"{k} +{v}" for k, v in sorted(g.counters.items()))
+        if g.spi is None:
+            parts.append("no captured packet explains it")
+            if counters:
+                parts.append(counters)
+            parts.extend(e for e in g.example if e not in counters)
+            return "; ".join(parts)
+        gone = joiner.history.deleted_before(g.spi, g.first_ns) if g.cause == "no-state" else None
+        if gone is not None and gone.end_ns is not None:
+            parts.append(f"SA spi 0x{g.spi:08x} ({gone.src} -> {gone.dst}) deleted at {fmt_time(gone.end_ns)}, "
+                         f"{g.packets} packet{'s' if g.packets != 1 else ''} for it dropped after")
+        else:
+            parts.append(f"{g.packets} packet{'s' if g.packets != 1 else ''} for spi 0x{g.spi:08x} "
+                         f"failed ({g.cause})")
+        if counters:
+            parts.append(counters)
+        return ", ".join(parts)
