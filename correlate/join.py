@@ -26,6 +26,7 @@ from ipsec_capture.correlate.causes import ANCHOR_CAUSES, cause_for_counter, cau
 from ipsec_capture.correlate.diagnosis import Context, diagnose, fmt_time
 from ipsec_capture.correlate.packet import CLEAR, ESP, IKE_POINTS, POINT_ROLES, Packet, direction_of
 from ipsec_capture.correlate.sahistory import SaHistory
+
 from ipsec_capture.models import Event, Record
 
 _ESP = struct.Struct("!II")  # RFC 4303: SPI, sequence number
@@ -176,7 +177,8 @@ class Joiner:
                 st.other += 1
                 return
             st.esp += 1
-            p = Packet(rec.time_ns, point, direction, ESP, rec.wire_length, rec, found[0], found[1], rec.netns)
+            p = Packet(rec.time_ns, point, direction, ESP, rec.wire_length, rec, found[0], found[1],
+                       rec.netns)
             self._esp(p)
         else:
             st.clear += 1
@@ -294,8 +296,9 @@ class Joiner:
             tup = ev.tuple or {}
             self._note(ev.time_ns, f"acquire {tup.get('src', '?')} -> {tup.get('dst', '?')} "
                                    "(no outbound SA: the kernel asked the IKE daemon)")
+            flow = f"{tup.get('src', '?')} -> {tup.get('dst', '?')}"
             self.incidents.append(Incident(ev.time_ns, "xfrm_monitor", "acquire", "no-sa-out", "out",
-                                           ev.netns, detail=f"{tup.get('src', '?')} -> {tup.get('dst', '?')}"))
+                                           ev.netns, detail=f"acquire {flow}"))
         else:
             self._note(ev.time_ns, f"{ev.kind}{spi}")
 
@@ -305,10 +308,10 @@ class Joiner:
             return
         key = (ev.spi, ev.seq & 0xFFFFFFFF)
         for p in reversed(self._by_spiseq.get(key, ())):
-            if ev.netns is None or p.netns is None or p.netns == ev.netns:
-                if (ev.kind == "xfrm_output") == (p.direction == "out"):
-                    self._attach(p, ev)
-                    return
+            same_ns = ev.netns is None or p.netns is None or p.netns == ev.netns
+            if same_ns and (ev.kind == "xfrm_output") == (p.direction == "out"):
+                self._attach(p, ev)
+                return
         self._early.setdefault(key, []).append(ev)
         self._early_order.append((ev.time_ns, key))
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ipsec_capture.correlate.sahistory import SaLife
+
 from ipsec_capture.models import Event, Record
 
 OK, FAILED, UNKNOWN = "ok", "failed", "unknown"

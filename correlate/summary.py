@@ -28,7 +28,8 @@ class PacketFilter:
     direction: str | None = None
 
     def __call__(self, p: Packet) -> bool:
-        return ((self.spi is None or p.spi == self.spi) and (self.verdict is None or p.verdict == self.verdict)
+        return ((self.spi is None or p.spi == self.spi)
+                and (self.verdict is None or p.verdict == self.verdict)
                 and (self.cause is None or p.cause == self.cause)
                 and (self.direction is None or p.direction == self.direction))
 
@@ -194,7 +195,8 @@ class Summary:
             return "; ".join(parts)
         gone = joiner.history.deleted_before(g.spi, g.first_ns) if g.cause == "no-state" else None
         if gone is not None and gone.end_ns is not None:
-            parts.append(f"SA spi 0x{g.spi:08x} ({gone.src} -> {gone.dst}) deleted at {fmt_time(gone.end_ns)}, "
+            parts.append(f"SA spi 0x{g.spi:08x} ({gone.src} -> {gone.dst}) deleted at "
+                         f"{fmt_time(gone.end_ns)}, "
                          f"{g.packets} packet{'s' if g.packets != 1 else ''} for it dropped after")
         else:
             parts.append(f"{g.packets} packet{'s' if g.packets != 1 else ''} for spi 0x{g.spi:08x} "

@@ -120,7 +120,8 @@ def test_policy_block_drop_linked_by_skb_and_unlinked_drop_reported():
     assert p.verdict == "failed" and p.cause == "policy-block"
     assert "kfree_skb reason XFRM_POLICY at __xfrm_policy_check+0x55" in p.evidence
     drops = an.to_dict()["drops"]
-    assert {(d["cause"], d["spi"]) for d in drops} == {("policy-block", f"0x{SPI:08x}"), ("policy-block", None)}
+    assert {(d["cause"], d["spi"]) for d in drops} == {("policy-block", f"0x{SPI:08x}"),
+                                                       ("policy-block", None)}
 
 
 def test_xfrm_input_ret0_is_not_accepted_when_a_drop_follows():
@@ -143,7 +144,8 @@ def test_outbound_clear_matched_and_no_sa_out():
     h.esp_out(T0 + MS + 30_000, esp4(A, B, SPI, 1, b"\x00" * 12, ident=77))  # transport: same IP ID
     lost = ip4(A, "198.51.100.9", 17, b"\x9c\x40\x00\x09\x00\x0cyyyy", ident=78)
     h.clear(T0 + 100 * MS, "filter-out", lost)
-    h.event(T0 + 100 * MS + 10, "xfrm_monitor", "acquire", tuple={"src": A, "dst": "198.51.100.9", "proto": 50})
+    h.event(T0 + 100 * MS + 10, "xfrm_monitor", "acquire",
+            tuple={"src": A, "dst": "198.51.100.9", "proto": 50})
     h.counter(T0 + 300 * MS, "XfrmOutNoStates", 1, 1)
     an = analyse(inputs(h))
     rows = an.summary.packets
