@@ -141,16 +141,19 @@ class PcapngWriter:
         return opts
 
     def _build_options(self, rec: Record, comment: str | None) -> bytes:
-        text = [rec.point or "?"]
-        if rec.indev:
-            text.append(f"in={self._ifname(rec.indev)}")
-        if rec.outdev:
-            text.append(f"out={self._ifname(rec.outdev)}")
-        if rec.mark is not None:
-            text.append(f"mark=0x{rec.mark:x}")
-        if comment:
-            text.append(comment)
-        opts = option(OPT_COMMENT, " ".join(text).encode())
+        """Comment: the caller's text first, then where the packet was seen (point, devices, mark)
+        when the source said so (NFLOG metadata); a bare IP record gets no automatic comment."""
+        text = [comment] if comment else []
+        if rec.hook is not None or rec.indev or rec.outdev or rec.mark is not None:
+            where = [rec.point or "?"]
+            if rec.indev:
+                where.append(f"in={self._ifname(rec.indev)}")
+            if rec.outdev:
+                where.append(f"out={self._ifname(rec.outdev)}")
+            if rec.mark is not None:
+                where.append(f"mark=0x{rec.mark:x}")
+            text.append(" ".join(where))
+        opts = option(OPT_COMMENT, "; ".join(text).encode()) if text else b""
         if rec.hook in INBOUND_HOOKS:
             opts += option(EPB_FLAGS, _U32.pack(EPB_INBOUND))
         elif rec.hook in OUTBOUND_HOOKS:

@@ -64,7 +64,7 @@ def test_tshark_reads_points_prefixes_comments_direction(tmp_path: Path) -> None
                   "frame.packet_flags_direction", "nflog.hook", "frame.time_epoch")
     assert [r[:2] for r in rows] == [["raw-pre-esp"] * 2, ["raw-out-ike"] * 2, ["raw-pre-esp"] * 2]
     assert rows[0][2] == "raw-pre-esp in=dev1 mark=0x5"
-    assert rows[1][2] == "raw-out-ike out=dev1 extra"
+    assert rows[1][2] == "extra; raw-out-ike out=dev1"
     assert [int(r[3], 16) for r in rows] == [1, 2, 1]  # inbound, outbound, inbound
     assert rows[0][5].startswith("1700000000.123456789")
     info = subprocess.run(["capinfos", str(path)], capture_output=True, text=True, timeout=60).stdout
@@ -87,7 +87,7 @@ def test_our_reader_round_trip(tmp_path: Path, linktype: str) -> None:
     back = list(read_records(str(path)))
     assert [(b.point, b.time_ns, bytes(b.payload)) for b in back] == [
         (r.point, r.time_ns, bytes(r.payload)) for r in recs]
-    assert back[1].comment == "raw-out-ike out=dev1 extra"
+    assert back[1].comment == "extra; raw-out-ike out=dev1"
     if linktype == "nflog":
         assert [(b.hook, b.indev, b.outdev, b.mark, b.seq) for b in back] == [
             (r.hook, r.indev, r.outdev, r.mark, r.seq) for r in recs]
