@@ -32,6 +32,7 @@ from ipsec_capture.models import Event, Record
 _ESP = struct.Struct("!II")  # RFC 4303: SPI, sequence number
 _U16 = struct.Struct("!H")
 SECOND = 1_000_000_000
+IPPROTO_IPIP, IPPROTO_IPV6 = 4, 41  # <netinet/in.h>
 
 
 @dataclass(slots=True)
@@ -203,8 +204,14 @@ class Joiner:
         if self.decoder is not None:
             res = self.decoder.decrypt(payload)
             p.decrypt = res.status
-            if res.inner is not None:
-                ckey = _inner_key(res.inner)
+            inner = res.inner
+            if inner is not None and res.next_header in (IPPROTO_IPIP, IPPROTO_IPV6) and \
+                    (res.sa is None or res.sa.mode != "tunnel"):
+                # esp_sa files carry no mode, so a tunnel SA decodes as transport: the inner
+                # packet follows the rebuilt outer header
+                inner = inner[(inner[0] & 0x0F) * 4 if inner[0] >> 4 == 4 else 40:]
+            if inner is not None:
+                ckey = _inner_key(inner)
         if ckey is None:
             ckey = _id_key(payload)
         p.key = ckey
