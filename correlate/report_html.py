@@ -44,8 +44,9 @@ def _section(d: dict[str, Any]) -> str:
     out += [f'<p class="note">note: {escape(n)}</p>' for n in cap["missing"]]
     bucket = ser["bucket_ns"]
     out.append("<h2>Plots</h2>")
-    out.append(svgplot.lines("Packets per second per SA", ser["rate"], bucket, "packets/s"))
-    out.append(svgplot.lines("Failures per second by cause", ser["errors"], bucket, "failed/s"))
+    width = f"{bucket / 1e9:g} s"
+    out.append(svgplot.lines(f"Packets per SA (per {width})", ser["rate"], bucket, f"packets / {width}"))
+    out.append(svgplot.lines(f"Failures by cause (per {width})", ser["errors"], bucket, f"failed / {width}"))
     t0 = cap["first_ns"] or 0
     t1 = cap["last_ns"] or t0
     spans = []

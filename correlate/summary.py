@@ -89,10 +89,11 @@ class Summary:
     """Add Packets as they come (`add`), then `finish(joiner)` once the join is exhausted."""
 
     def __init__(self, packet_filter: PacketFilter | None = None, packet_limit: int = 1000,
-                 bucket_ns: int = SECOND) -> None:
+                 bucket_ns: int = SECOND // 100, max_buckets: int = 1000) -> None:
         self.filter = packet_filter or PacketFilter()
         self.packet_limit = packet_limit
         self.bucket_ns = bucket_ns
+        self.max_buckets = max_buckets
         self.rows: dict[tuple[int | None, str, int | None], SaRow] = {}
         self.drops: dict[tuple[str, int | None, str], DropGroup] = {}
         self.packets: list[Packet] = []
@@ -117,6 +118,8 @@ class Summary:
         row.packets += 1
         row.bytes += p.length
         row.last_ns = t
+        if (t - self.first_ns) // self.bucket_ns > self.max_buckets:
+            self._coarser()
         bucket = t // self.bucket_ns
         if p.verdict == OK:
             row.ok += 1
@@ -135,6 +138,16 @@ class Summary:
             self.matched += 1
             if self.packet_limit <= 0 or len(self.packets) < self.packet_limit:
                 self.packets.append(p)
+
+    def _coarser(self) -> None:
+        """Ten times wider buckets, so the series stay bounded however long the capture."""
+        self.bucket_ns *= 10
+        for group in (self.rate, self.errors):
+            for name, series in group.items():
+                merged: dict[int, int] = {}
+                for b, n in series.items():
+                    merged[b // 10] = merged.get(b // 10, 0) + n
+                group[name] = merged
 
     @staticmethod
     def label(spi: int | None, direction: str) -> str:
