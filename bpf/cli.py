@@ -13,11 +13,10 @@ import sys
 import threading
 from typing import Any
 
-from ipsec_capture.bpf.eventlog import EventLogWriter, make_header
-from ipsec_capture.bpf.sources import MODES, KernelEvents, describe, plan_sources
+from ipsec_capture.bpf.capture_events import CaptureEvents
+from ipsec_capture.bpf.sources import MODES
 
 from ipsec_capture.errors import UserError, require_root
-from ipsec_capture.netns import netns_inode
 
 
 def register(sub: Any) -> None:
@@ -51,25 +50,20 @@ def run(args: argparse.Namespace) -> int:
     if args.interval <= 0:
         raise UserError("--interval must be a positive number of seconds")
     require_root("ipsec-capture events")
-    plan = plan_sources(args.kernel_events, args.netns)
-    header = make_header(sources=[s.to_dict() for s in plan],
-                         netns={"name": args.netns, "inode": netns_inode(args.netns)})
+    log = CaptureEvents(args.write, args.kernel_events, args.netns, poll_interval=args.interval,
+                        keep_all_drops=args.all_drops)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        with EventLogWriter(args.write, header) as writer:
-            companion = KernelEvents(writer, args.kernel_events, args.netns, args.interval,
-                                     keep_all_drops=args.all_drops)
-            print(f"ipsec-capture: {describe(plan)}", file=sys.stderr, flush=True)
-            companion.start()
-            try:
-                print(f"ready: writing kernel events to {args.write}", file=sys.stderr, flush=True)
-                stop.wait(args.duration)
-            finally:
-                summary = companion.stop()
+        log.start()
+        try:
+            print(f"ready: writing kernel events to {args.write}", file=sys.stderr, flush=True)
+            stop.wait(args.duration)
+        finally:
+            summary = log.stop()
         counts = ", ".join(f"{k} {v}" for k, v in summary["events"].items()) or "no sources"
-        print(f"ipsec-capture: {writer.count} events ({counts}) in {args.write}", file=sys.stderr)
+        print(f"ipsec-capture: {log.count} events ({counts}) in {args.write}", file=sys.stderr)
         for err in summary.get("errors", []):
             print(f"ipsec-capture: error stopping {err}", file=sys.stderr)
         return 1 if summary.get("errors") else 0

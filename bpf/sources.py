@@ -150,14 +150,15 @@ class KernelEvents:
 
     def __init__(self, writer: EventLogWriter, mode: str = "auto", netns: str | None = None,
                  poll_interval: float = 0.5, keep_all_drops: bool = False,
-                 progress: Callable[[str], None] = _progress) -> None:
+                 progress: Callable[[str], None] = _progress,
+                 plan: list[SourceStatus] | None = None) -> None:
         self.writer = writer
         self.mode = mode
         self.netns = netns
         self.poll_interval = poll_interval
         self.keep_all_drops = keep_all_drops
         self.progress = progress
-        self.sources: list[SourceStatus] = plan_sources(mode, netns)
+        self.sources: list[SourceStatus] = plan if plan is not None else plan_sources(mode, netns)
         self.running: list[Source] = []
         clock = writer.header.get("clock") or {}
         self._wall_minus_boot = int(clock.get("wall_minus_boot_ns", 0))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ipsec_capture.capture.start import EXIT_LOST, StartOptions, run_start
+from ipsec_capture.capture.start import EXIT_LOST, Capture, Companion, StartOptions, run_start
 
 from ipsec_capture.errors import UserError
 
@@ -27,8 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "before encryption and after decryption), read the NFLOG group and write every "
                     "packet to a pcapng file, one interface per capture point. Stop with Ctrl-C or "
                     "SIGTERM: the rules are removed and the file is complete.",
-        epilog="A line starting with `ready` goes to stderr once the rules are in and the reader "
-               "runs (also with --quiet), so scripts know when to start traffic.\n"
+        epilog="One capture is a bundle with one stem: out.pcapng (packets), out.events.jsonl (kernel "
+               "events, SA snapshot, capture statistics) and out.esp_sa (keys); `report` and `decrypt` "
+               "read it on any machine.\n"
+               "A line starting with `ready` goes to stderr once the rules are in, the reader runs and "
+               "the kernel event sources are attached (also with --quiet), so scripts know when to "
+               "start traffic. Kprobes are compiled first: that can take a minute on slow machines.\n"
                f"Exit status: 0 on success; {EXIT_LOST} if the kernel dropped packets before we "
                "read them (the summary says how many); 2 for bad arguments or a failure; 77 when "
                "not root.\n\nexample: sudo ipsec-capture start --group 5 -w out.pcapng")
@@ -59,6 +63,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", "-q", action="store_true",
                    help="no status line and no text summary (the `ready` line is still printed)")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout")
+    p.add_argument("--kernel-events", choices=("auto", "kprobe", "tracepoint", "off"), default="auto",
+                   metavar="MODE",
+                   help="kernel verdicts into FILE's .events.jsonl: auto (kprobes on xfrm_input/"
+                        "xfrm_output where the kernel and bcc allow, else the skb:kfree_skb "
+                        "tracepoint; always /proc/net/xfrm_stat deltas and XFRM monitor events), "
+                        "kprobe, tracepoint (insist on one), off (no events log); default auto")
+    p.add_argument("--no-keys", action="store_true",
+                   help="do not write FILE's .esp_sa (Wireshark keys of every SA, kept current "
+                        "through rekeys; mode 0600)")
     p.add_argument("--rcvbuf", type=int, default=None, help=argparse.SUPPRESS)  # tests: force overload
     p.set_defaults(func=cmd_start)
 
@@ -73,4 +86,25 @@ def cmd_start(args: argparse.Namespace) -> int:
                         count=args.count, duration=args.duration, snaplen=args.snaplen,
                         netns=args.netns, rules=not args.no_rules, host=args.host, spi=args.spi,
                         linktype=args.linktype, quiet=args.quiet, rcvbuf=args.rcvbuf)
-    return run_start(opts, json_out=args.json)
+    return run_start(opts, json_out=args.json, companions=lambda capture: bundle_companions(
+        capture, args.kernel_events, keys=not args.no_keys))
+
+
+def bundle_companions(capture: Capture, kernel_events: str, keys: bool) -> list[Companion]:
+    """The rest of the bundle beside the pcapng: the events log first (it may refuse a mode the
+    kernel cannot do, before any key file exists), then the key file keeper."""
+    from ipsec_capture.bundle import Bundle
+
+    o = capture.opts
+    bundle = Bundle.for_capture(o.write)
+    out: list[Companion] = []
+    if kernel_events != "off":
+        from ipsec_capture.bpf.capture_events import CaptureEvents
+
+        out.append(CaptureEvents(bundle.events, kernel_events, o.netns, stats=capture.stats_dict,
+                                 quiet=o.quiet))
+    if keys:
+        from ipsec_capture.xfrm.keeper import KeyFileKeeper
+
+        out.append(KeyFileKeeper(bundle.keys, o.netns))
+    return out

@@ -46,10 +46,12 @@ class Companion(Protocol):
     """Something that runs beside a capture (esp_sa keeper, kernel event source).
 
     `start` is called after the rules are in and before `ready` is printed; `stop` after the reader
-    stopped, and returns a JSON-serialisable summary that goes into the capture's summary.
+    stopped, and returns a JSON-serialisable summary that goes into the capture's summary. `path`
+    is the file it writes: removed with the pcapng when the capture fails before `ready`.
     """
 
     name: str
+    path: str
 
     def start(self) -> None: ...
 
@@ -159,11 +161,12 @@ class Capture:
         try:
             self._run(rs)
         except BaseException:
-            if self._created and not self._announced:  # failed before `ready`: leave no empty capture behind
-                with contextlib.suppress(OSError):
-                    os.unlink(o.write)
+            if self._created and not self._announced:  # failed before `ready`: leave no empty bundle behind
+                for path in (o.write, *(c.path for c in self.companions)):
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
             raise
-        self.stats.bytes = self._bytes
+        self.stats.bytes = self._bytes  # after close: the whole file
         return self.summary()
 
     def _run(self, rs: Any) -> None:
@@ -282,6 +285,7 @@ class Capture:
             self.stopped_by = self._stop or "error"
             st.elapsed = time.monotonic() - t0
             st.received, st.lost, st.enobufs = rstats.received, rstats.lost, rstats.enobufs
+            st.bytes = writer.size
             if status is not None:
                 status.clear()
 
@@ -291,6 +295,20 @@ class Capture:
                 "linktype": o.linktype, "stopped_by": self.stopped_by, **self.stats.as_dict(),
                 "companions": getattr(self, "companion_summaries", {}),
                 "complete": self.stats.lost == 0 and self.stats.enobufs == 0}
+
+
+def companion_line(comp: dict[str, Any]) -> str:
+    """One summary line for a companion's own summary (events log, key file, or anything else)."""
+    if "error" in comp:
+        return f"FAILED: {comp['error']}"
+    if "written" in comp:
+        active = ", ".join(comp.get("sources", ())) or "none"
+        errors = f"; ERRORS: {'; '.join(comp['errors'])}" if comp.get("errors") else ""
+        return f"{comp['written']} events in {comp['path']} (sources: {active}){errors}"
+    if "sas_written" in comp:
+        return (f"{comp['sas_written']} ESP SAs in {comp['path']} ({comp['rekeys_seen']} new during "
+                f"the capture, {comp['deletes_seen']} deleted)")
+    return json.dumps(comp, sort_keys=True)
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -307,13 +325,17 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"kernel reported its queue to us full (ENOBUFS): the file is incomplete; use "
                      f"--points, --snaplen or --host/--spi to capture less")
     for name, comp in s["companions"].items():
-        lines.append(f"  {name}: {json.dumps(comp, sort_keys=True)}")
+        lines.append(f"  {name}: {companion_line(comp)}")
     return "\n".join(lines)
 
 
 def run_start(opts: StartOptions, json_out: bool = False,
-              companions: Sequence[Companion] = ()) -> int:
-    summary = Capture(opts, companions).run()
+              companions: Callable[[Capture], Sequence[Companion]] | None = None) -> int:
+    """Run a capture; `companions` builds what runs beside it (it may read the capture's stats)."""
+    capture = Capture(opts)
+    if companions is not None:
+        capture.companions = list(companions(capture))
+    summary = capture.run()
     if json_out:
         print(json.dumps(summary, sort_keys=True))
     if not opts.quiet or not summary["complete"]:

@@ -62,10 +62,14 @@ def started(*args: str, netns: str) -> Iterator[subprocess.Popen[str]]:
     proc = subprocess.Popen([*CLI, "start", "--netns", netns, *args], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
+        before = ""
         line = proc.stderr.readline()
-        if not line.startswith("ready"):
+        while line and not line.startswith("ready"):  # the kernel event sources come first
+            before += line
+            line = proc.stderr.readline()
+        if not line:
             proc.wait(30)
-            pytest.fail(f"start did not get ready: {line}{proc.stderr.read()}")
+            pytest.fail(f"start did not get ready: {before}{proc.stderr.read()}")
         yield proc
     finally:
         if proc.poll() is None:
