@@ -13,19 +13,31 @@ import sys
 from ipsec_capture import __version__
 from ipsec_capture.errors import UserError
 
-# Rooms that contribute subcommands, in --help order.
-COMMAND_MODULES = (
-    "ipsec_capture.capture.cli",  # start
-    "ipsec_capture.rules.cli",  # rules
-    "ipsec_capture.xfrm.cli",  # keys, sa
-    "ipsec_capture.xfrm.decrypt_cli",  # decrypt
-    "ipsec_capture.bpf.cli",  # events
-    "ipsec_capture.correlate.cli",  # report
-    "ipsec_capture.lab.cli",  # lab
-)
+# Rooms that contribute subcommands, in --help order, with the commands each registers.
+COMMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "ipsec_capture.capture.cli": ("start",),
+    "ipsec_capture.rules.cli": ("rules",),
+    "ipsec_capture.xfrm.cli": ("keys", "sa"),
+    "ipsec_capture.xfrm.decrypt_cli": ("decrypt",),
+    "ipsec_capture.bpf.cli": ("events",),
+    "ipsec_capture.correlate.cli": ("report",),
+    "ipsec_capture.lab.cli": ("lab",),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _wanted_modules(argv: list[str] | None) -> list[str]:
+    """Only the room that owns the command being run: importing every room (crypto, pyroute2,
+    scapy helpers) costs seconds on a slow machine (7 s under TCG in the kernel lab) and a
+    capture should start fast. `--help` or an unknown command imports them all."""
+    first = next((a for a in (argv or []) if not a.startswith("-")), None)
+    for module, commands in COMMAND_MODULES.items():
+        if first in commands:
+            return [module]
+    return list(COMMAND_MODULES)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser with the subcommands `argv` needs (all of them when argv is None)."""
     parser = argparse.ArgumentParser(
         prog="ipsec-capture",
         description=(
@@ -38,19 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name == name:  # room has no CLI (yet)
-                continue
-            raise
-        module.register(sub)
+    for name in _wanted_modules(argv):
+        importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

@@ -265,15 +265,21 @@ def looks_like_esp_sa(text: str) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def wireshark_version() -> tuple[int, int] | None:
-    exe = shutil.which("tshark")
-    if exe is None:
-        return None
-    try:
-        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    m = re.search(r"\(Wireshark\) (\d+)\.(\d+)", out) or re.search(r"TShark \S* ?(\d+)\.(\d+)", out)
-    return (int(m.group(1)), int(m.group(2))) if m else None
+    """The installed Wireshark's (major, minor). dumpcap answers first: it ships in the same
+    package set with the same version and starts in 15 ms, where tshark loads every dissector
+    (0.4 s here, 6 s under TCG) - and `start` asks before it prints `ready`."""
+    for tool in ("dumpcap", "tshark"):
+        exe = shutil.which(tool)
+        if exe is None:
+            continue
+        try:
+            out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        m = re.search(r"\(Wireshark\) (\d+)\.(\d+)", out) or re.search(r"TShark \S* ?(\d+)\.(\d+)", out)
+        if m:
+            return int(m.group(1)), int(m.group(2))
+    return None
 
 
 def wireshark_columns() -> int:
