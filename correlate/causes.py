@@ -128,10 +128,15 @@ def cause_for_counter(name: str) -> tuple[str, str]:
     return "other", "out" if name.startswith("XfrmOut") else "in"
 
 
+def drop_reason_named(reason: str | None) -> bool:
+    """Does this kfree_skb reason name a cause by itself (else only its location speaks)?"""
+    return bool(reason) and reason in DROP_REASON_CAUSES
+
+
 def cause_for_drop(reason: str | None, location: str) -> str:
     """A kfree_skb drop's cause: its reason if it names one, else where it was freed."""
-    if reason and reason in DROP_REASON_CAUSES:
-        return DROP_REASON_CAUSES[reason]
+    if drop_reason_named(reason):
+        return DROP_REASON_CAUSES[str(reason)]
     if location.startswith("xfrm_input"):
         return "no-state"  # the unnamed drop path of xfrm_input: lookup failed (lab: +0x2de)
     if location.startswith(("xfrm_output", "xfrm4_output", "xfrm6_output")):

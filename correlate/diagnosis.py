@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ipsec_capture.correlate.causes import ANCHOR_CAUSES, cause_for_drop, cause_for_ret
+from ipsec_capture.correlate.causes import ANCHOR_CAUSES, cause_for_drop, cause_for_ret, drop_reason_named
 from ipsec_capture.correlate.packet import CLEAR, FAILED, OK, UNKNOWN, Packet
 from ipsec_capture.correlate.sahistory import SaHistory
 
@@ -65,8 +65,11 @@ def diagnose(p: Packet, ctx: Context) -> None:
         for ev in p.events:
             if ev.source == "kfree_skb":
                 loc = ev.detail.get("location", "?")
-                cause = cause_for_drop(ev.reason, str(loc))
                 p.evidence.append(f"kfree_skb reason {ev.reason or '?'} at {loc}")
+                # A drop reason names its cause; a bare location (xfrm_input's one drop path serves
+                # no-state, ICV and replay alike) says less than the counter the packet moved.
+                named = drop_reason_named(ev.reason)
+                cause = p.cause if not named and p.cause is not None else cause_for_drop(ev.reason, str(loc))
                 break
     if cause is None:
         for ev in p.events:

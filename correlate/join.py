@@ -163,17 +163,22 @@ class Joiner:
         st = self.stats
         st.records += 1
         point = rec.point
-        if point in IKE_POINTS:
-            st.ike += 1
-            return
-        role = POINT_ROLES.get(point)
         payload = rec.payload
-        if role is None:
+        found = None
+        role = POINT_ROLES.get(point)
+        if point in IKE_POINTS:
+            # UDP 4500 carries IKE (non-ESP marker) and NAT-T ESP: only the latter is a packet to judge
+            found = _locate_esp(payload)
+            if found is None:
+                st.ike += 1
+                return
+            role = (direction_of(rec), ESP)
+        elif role is None:
             found = _locate_esp(payload)
             role = (direction_of(rec), ESP if found else CLEAR)
         direction, kind = role
         if kind == ESP:
-            found = _locate_esp(payload)
+            found = found or _locate_esp(payload)
             if found is None:
                 st.other += 1
                 return
