@@ -2,9 +2,10 @@
 
 An instance (`instances/ipsec_capture_<pid>`) has its own ring buffer, clock and enabled events, so
 we never touch the global trace buffer another tool may be using. Its trace_clock is `boot`
-(CLOCK_BOOTTIME), converted to wall clock with the events log's clock offsets. Pointers are printed
-unhashed (`options/hash-ptr` 0) so `location` can be symbolized through /proc/kallsyms on kernels
-whose format prints it as %p (6.1); newer kernels print it already symbolized (%pS).
+(CLOCK_BOOTTIME), converted to wall clock with the events log's clock offsets. On kernels whose
+format prints the location as %p (6.1), the instance is created with pointers unhashed (see
+Tracefs.pointers_unhashed) so `location` can be symbolized through /proc/kallsyms; newer kernels
+print it already symbolized (%pS).
 The tracepoint is global: drops carry no namespace (Event.netns None).
 """
 
@@ -19,7 +20,8 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from ipsec_capture.bpf.kallsyms import Kallsyms
@@ -95,6 +97,34 @@ class Tracefs:
         with open(os.path.join(self.path, rel)) as f:
             return f.read()
 
+    @contextlib.contextmanager
+    def pointers_unhashed(self) -> Iterator[None]:
+        """Create instances inside this block and they print pointers as they are.
+
+        `hash-ptr` is a top-level-only option (an instance has no options/hash-ptr of its own) that a
+        new instance copies from the top level when it is created. On kernels that print the drop
+        location as %p (6.1) a hashed pointer cannot be symbolized, so the top-level option is off
+        for the moment of the mkdir and put back at once: the global buffer's output is left as
+        it was, and our instance keeps raw pointers.
+        """
+        opt = os.path.join(self.path, "options", "hash-ptr")
+        try:
+            with open(opt) as f:
+                old = f.read().strip()
+        except OSError:  # kernels without the option never hash
+            yield
+            return
+        if old == "0":
+            yield
+            return
+        with open(opt, "w") as f:
+            f.write("0")
+        try:
+            yield
+        finally:
+            with open(opt, "w") as f:
+                f.write(old)
+
 
 def remove_stale_instances(tracefs: Tracefs) -> list[str]:
     """rmdir instances left by ipsec-capture processes that died (kill -9)."""
@@ -167,8 +197,10 @@ class KfreeSkbSource:
             raise UserError("this kernel has no skb:kfree_skb tracepoint in tracefs")
         remove_stale_instances(self.tracefs)
         self.instance = os.path.join(self.tracefs.path, "instances", f"{INSTANCE_PREFIX}{os.getpid()}")
+        symbolized = "location=%pS" in self.tracefs.read(os.path.join(EVENT_DIR, "format"))
         try:
-            os.mkdir(self.instance)
+            with nullcontext() if symbolized else self.tracefs.pointers_unhashed():
+                os.mkdir(self.instance)
         except FileExistsError:
             pass
         except OSError as err:
@@ -176,11 +208,8 @@ class KfreeSkbSource:
             raise UserError(f"cannot create tracefs instance {self.instance}: {err.strerror}") from err
         try:
             self._write("trace_clock", TRACE_CLOCK)
-            if os.path.exists(os.path.join(self.instance, "options/hash-ptr")):
-                self._write("options/hash-ptr", "0")
             self._write("buffer_size_kb", str(self._buffer_kb))
-            fmt = self.tracefs.read(os.path.join(EVENT_DIR, "format"))
-            if "location=%pS" not in fmt:
+            if not symbolized:
                 self._ksyms = Kallsyms()
             self._fd = os.open(os.path.join(self.instance, "trace_pipe"), os.O_RDONLY | os.O_NONBLOCK)
             self._write(os.path.join(EVENT_DIR, "enable"), "1")
