@@ -271,3 +271,49 @@ def test_transport_with_ipv6_extension_header_is_rebuilt() -> None:
 
 def test_result_is_a_slots_dataclass() -> None:
     assert not hasattr(DecryptResult("ok"), "__dict__")
+
+
+def test_key_file_sas_decide_tunnel_or_transport_per_packet() -> None:
+    """An esp_sa table says nothing of the mode: an inner IP packet means tunnel (the inner packet
+    alone comes out, as the kernel delivers it), anything else transport (outer header rebuilt)."""
+    from ipsec_capture.correlate.synthetic import esp4, gcm_sa, udp4
+    from ipsec_capture.xfrm.esp_sa import read_esp_sa, write_esp_sa
+
+    key = os.urandom(20)
+    sas = read_esp_sa(write_esp_sa([gcm_sa(0x1234, "192.0.2.1", "192.0.2.2", key)], 8))
+    assert sas[0].mode == ""
+    inner = udp4("10.1.0.1", "10.2.0.1", 77, b"tunnelled")
+    res = EspDecoder(sas).decrypt(esp4("192.0.2.1", "192.0.2.2", 0x1234, 9, inner, key))
+    assert res.status == "ok" and res.inner == inner
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from ipsec_capture.correlate.synthetic import ip4
+
+    udp = bytes(udp4("192.0.2.1", "192.0.2.2", 5, b"transported")[20:])
+    pad = -(len(udp) + 2) % 4
+    plain = udp + bytes(range(1, pad + 1)) + bytes((pad, 17))  # padding, its length, next header UDP
+    head, iv = struct.pack("!II", 0x1234, 10), (10).to_bytes(8, "big")
+    body = iv + AESGCM(key[:16]).encrypt(key[16:] + iv, plain, head)
+    sealed = ip4("192.0.2.1", "192.0.2.2", 50, head + body)
+    res = EspDecoder(sas).decrypt(sealed)
+    assert res.status == "ok" and res.inner[9] == 17 and bytes(res.inner[20:]) == udp
+
+
+@pytest.mark.parametrize("label", ["gcm128-icv16", "aescbc128-sha256"])
+def test_esn_found_by_the_icv_when_the_key_file_cannot_say(label: str) -> None:
+    """An 8-column esp_sa table has no ESN column: the ICV tells (32-bit fails, 64-bit with the
+    high bits inferred passes), and the SA is decoded as ESN from then on."""
+    from ipsec_capture.xfrm.esp_sa import read_esp_sa, write_esp_sa
+
+    keys = Keys.random(next(s for s in SUITES if s.label == label))
+    sa = make_sa(keys, SPI, *V4, mode="tunnel", esn=True)
+    loaded = read_esp_sa(write_esp_sa([sa], 8))
+    assert not loaded[0].esn
+    dec = EspDecoder(loaded)
+    inner, nh = tunnel_inner(V4, b"esn, unsaid")
+    got = [dec.decrypt(outer(seal(keys, SPI, s, inner, nh, esn=True), *V4)) for s in (1, 2, 3)]
+    assert [(r.status, r.seq, r.inner) for r in got] == [("ok", s, inner) for s in (1, 2, 3)]
+    plain = make_sa(keys, SPI + 1, *V4, mode="tunnel")  # and a 32-bit SA stays 32-bit
+    dec = EspDecoder(read_esp_sa(write_esp_sa([plain], 8)))
+    res = dec.decrypt(outer(seal(keys, SPI + 1, 5, inner, nh), *V4))
+    assert (res.status, res.seq, res.inner) == ("ok", 5, inner)

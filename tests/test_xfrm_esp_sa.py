@@ -63,7 +63,11 @@ def test_ten_columns_carry_esn():
     assert text.strip().splitlines()[-1].endswith('"64-bit","3"')
     (back,) = read_esp_sa(text)
     assert back.esn and back.replay.seq_hi == 3
-    assert any("ESN high bits" in w for w in warnings_for([s], 8))
+    assert any("uses ESN (high bits 3)" in w for w in warnings_for([s], 8))
+    fresh = sa(10, aead=Algorithm("rfc4106(gcm(aes))", bytes(20), icv_bits=128), flags=["esn"],
+               replay=Replay(esn=True))  # high bits still 0: the ICV covers them all the same
+    assert any("uses ESN (high bits 0)" in w for w in warnings_for([fresh], 8))
+    assert warnings_for([fresh], 10) == []
 
 
 def test_reader_rejects_wrong_columns_and_names():

@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 
 from ipsec_capture.xfrm.esp_crypto import Transform, UnsupportedSA, transform_for
 from ipsec_capture.xfrm.esp_header import (
+    IPPROTO_IPIP,
+    IPPROTO_IPV6,
     IPPROTO_NONE,
     EspHeader,
     esp_header,
     locate,
 )
-from ipsec_capture.xfrm.sa import SA
+from ipsec_capture.xfrm.sa import ESN_UNKNOWN, MODE_UNKNOWN, SA
 
 __all__ = ["DecryptResult", "EspDecoder", "EspHeader", "esp_header"]
 
@@ -70,8 +72,8 @@ class _Context:
     sa: SA
     transform: Transform | None
     problem: str
-    tunnel: bool
-    esn: bool
+    tunnel: bool | None  # None: mode unknown, decided per packet
+    esn: bool | None  # None: unknown until a packet's ICV tells
     top: int = 0  # highest 64-bit sequence number verified so far (ESN)
     window: int = _DEFAULT_WINDOW
     dst: bytes | None = field(default=None)
@@ -103,12 +105,13 @@ class EspDecoder:
             transform, problem = transform_for(sa), ""
         except UnsupportedSA as err:
             transform, problem = None, str(err)
-        if sa.mode not in ("transport", "tunnel"):
+        if sa.mode not in ("transport", "tunnel", MODE_UNKNOWN):
             transform, problem = None, f"mode {sa.mode} is not supported"
         replay = sa.replay
         top = max((replay.seq_hi << 32) | replay.seq, (replay.oseq_hi << 32) | replay.oseq)
-        ctx = _Context(sa=sa, transform=transform, problem=problem, tunnel=sa.mode == "tunnel",
-                       esn=sa.esn, top=top, window=replay.window or _DEFAULT_WINDOW, dst=_packed(sa.dst))
+        ctx = _Context(sa=sa, transform=transform, problem=problem, tunnel=_tunnel_mode(sa.mode),
+                       esn=None if ESN_UNKNOWN in sa.flags else sa.esn, top=top,
+                       window=replay.window or _DEFAULT_WINDOW, dst=_packed(sa.dst))
         key = (ctx.dst, sa.spi)
         old = self._by_dst.get(key)
         self._by_dst[key] = ctx
@@ -169,6 +172,14 @@ class EspDecoder:
             plain, seq = self._open_esn(ctx, t, esp, seq_lo)
         else:
             plain, seq = t.open(esp, None), seq_lo
+            if ctx.esn is None and t.authenticated:
+                # the key file did not say (8-column esp_sa): the ICV tells which one the SA uses
+                if plain is None:
+                    plain, seq = self._open_esn(ctx, t, esp, seq_lo)
+                    if plain is not None:
+                        ctx.esn = True
+                else:
+                    ctx.esn = False
         if plain is None:
             return DecryptResult(ICV_FAIL, spi, seq, sa=ctx.sa, detail="ICV mismatch: wrong key or tampered")
         pad_len, next_header = plain[-2], plain[-1]
@@ -183,7 +194,9 @@ class EspDecoder:
         if next_header == IPPROTO_NONE:
             return DecryptResult(status, spi, seq, None, next_header, ctx.sa, detail or "dummy packet (TFC)")
         # Tunnel: the payload is the inner packet. Transport: put the outer header back around it.
-        inner = payload if ctx.tunnel else _rebuild_transport(pkt, header_len, proto_at, next_header, payload)
+        # Mode unknown (esp_sa): an inner IP packet means tunnel, as Wireshark decides too.
+        tunnel = ctx.tunnel if ctx.tunnel is not None else next_header in (IPPROTO_IPIP, IPPROTO_IPV6)
+        inner = payload if tunnel else _rebuild_transport(pkt, header_len, proto_at, next_header, payload)
         return DecryptResult(status, spi, seq, inner, next_header, ctx.sa, detail)
 
     @staticmethod
@@ -210,6 +223,10 @@ class EspDecoder:
                     ctx.top = seq
                 return plain, seq
         return None, (hi << 32) | seq_lo
+
+
+def _tunnel_mode(mode: str) -> bool | None:
+    return None if mode == MODE_UNKNOWN else mode == "tunnel"
 
 
 def _rebuild_transport(pkt: memoryview, header_len: int, proto_at: int, next_header: int,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ipsec_capture.xfrm.netlink import AF_INET, AF_INET6
-from ipsec_capture.xfrm.sa import IPPROTO_ESP, SA, Algorithm, Replay
+from ipsec_capture.xfrm.sa import ESN_UNKNOWN, IPPROTO_ESP, MODE_UNKNOWN, SA, Algorithm, Replay
 
 from ipsec_capture.errors import UserError
 
@@ -138,9 +138,11 @@ def sa_row(sa: SA, columns: int = 8, wildcard: str = "auto") -> Row | None:
     if columns >= 10:
         high = sa.replay.seq_hi or sa.replay.oseq_hi
         fields += ["64-bit" if sa.esn else "32-bit", f"{high:x}"]
-    elif sa.esn and (sa.replay.seq_hi or sa.replay.oseq_hi):
-        warnings.append(f"{tag}: ESN high bits are {sa.replay.seq_hi or sa.replay.oseq_hi}: "
-                        "Wireshark 4.0 ignores them, so its ICV check fails on this SA")
+    elif sa.esn:
+        # the ICV (and GCM's AAD) covers the high 32 bits even while they are 0
+        warnings.append(f"{tag}: uses ESN (high bits {sa.replay.seq_hi or sa.replay.oseq_hi}), which the "
+                        "8-column table of Wireshark < 4.2 cannot express: Wireshark's ICV check fails "
+                        "on this SA (`ipsec-capture decrypt` finds ESN by itself)")
     return Row(fields, warnings)
 
 
@@ -203,7 +205,9 @@ def _row_to_sa(fields: list[str], where: str) -> SA:
         raise UserError(f"{where}: bad SPI {spi_text!r} (a wildcard SPI cannot be used)") from None
     if not 0 <= spi <= 0xFFFFFFFF:
         raise UserError(f"{where}: SPI out of range")
-    sa = SA(src=src or "*", dst=dst or "*", spi=spi, family=family)
+    # A Wireshark table does not say tunnel or transport: mode "" lets the decoder decide per
+    # packet from the next header, as Wireshark does.
+    sa = SA(src=src or "*", dst=dst or "*", spi=spi, family=family, mode=MODE_UNKNOWN)
     if enc_name in _GCM_BACK:
         sa.aead = Algorithm(GCM, _key(enc_key, where), icv_bits=_GCM_BACK[enc_name])
     elif enc_name == CHACHA_NAME:
@@ -227,6 +231,8 @@ def _row_to_sa(fields: list[str], where: str) -> SA:
             raise UserError(f"{where}: bad ESN high bits {fields[9]!r}") from None
         if sa.replay.esn:
             sa.flags.append("esn")
+    else:
+        sa.flags.append(ESN_UNKNOWN)
     return sa
 
 

@@ -20,6 +20,8 @@ UDP_ENCAP_ESPINUDP_NON_IKE = 1
 UDP_ENCAP_ESPINUDP = 2
 # <linux/xfrm.h> XFRM_MODE_*
 MODES = {0: "transport", 1: "tunnel", 2: "ro", 3: "in_trigger", 4: "beet"}
+MODE_UNKNOWN = ""  # a source that does not say (Wireshark's esp_sa table)
+ESN_UNKNOWN = "esn-unknown"  # in SA.flags: a source that cannot say (an 8-column esp_sa table)
 # <linux/xfrm.h> XFRM_STATE_* flags
 STATE_FLAGS = {
     1: "noecn", 2: "decap-dscp", 4: "nopmtudisc", 8: "wildrecv", 16: "icmp", 32: "af-unspec",
