@@ -144,6 +144,30 @@ def cause_for_drop(reason: str | None, location: str) -> str:
     return "other"
 
 
+# xfrm4_tunnel_check_size / xfrm6_tunnel_check_size: a packet too big for the tunnel once
+# encapsulated (IPv4 only with DF) is refused and counted as XfrmOutStateModeError.
+MODE_ERROR_TOO_BIG = "XfrmOutStateModeError"
+_IP_DF = 0x40  # in the high byte of frag_off
+_SMALLEST_TOO_BIG = 256  # no link worth a tunnel has an MTU this small once ESP is added
+
+
+def too_big_for_tunnel(packet: bytes | memoryview) -> str | None:
+    """Why this refused outbound packet is likely an MTU problem, or None. The kernel counts the
+    tunnel size check under the mode error counter; a large DF (or any IPv6) packet it refused is
+    far more often too big than of the wrong mode."""
+    if len(packet) < 20:
+        return None
+    version = packet[0] >> 4
+    length = int.from_bytes(packet[2:4], "big") if version == 4 else len(packet)
+    if version == 6 and len(packet) >= 40:
+        length = 40 + int.from_bytes(packet[4:6], "big")
+    if length < _SMALLEST_TOO_BIG or version not in (4, 6) or (version == 4 and not packet[6] & _IP_DF):
+        return None
+    df = "DF set, " if version == 4 else ""
+    return (f"a {length}-byte IPv{version} packet ({df}refused before encryption): the tunnel size "
+            f"check counts packets too big once encapsulated as {MODE_ERROR_TOO_BIG}")
+
+
 def cause_for_ret(kind: str, ret: int | None) -> str | None:
     """xfrm_output's negative return codes that name a cause (xfrm_input's 0 names nothing)."""
     if ret is None or ret >= 0 or ret == -EINPROGRESS:

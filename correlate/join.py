@@ -22,7 +22,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ipsec_capture.correlate.causes import ANCHOR_CAUSES, cause_for_counter, cause_for_drop
+from ipsec_capture.correlate.causes import (
+    ANCHOR_CAUSES,
+    MODE_ERROR_TOO_BIG,
+    cause_for_counter,
+    cause_for_drop,
+    too_big_for_tunnel,
+)
 from ipsec_capture.correlate.diagnosis import Context, diagnose, fmt_time
 from ipsec_capture.correlate.packet import CLEAR, ESP, IKE_POINTS, POINT_ROLES, Packet, direction_of
 from ipsec_capture.correlate.sahistory import SaHistory
@@ -32,7 +38,6 @@ from ipsec_capture.models import Event, Record
 _ESP = struct.Struct("!II")  # RFC 4303: SPI, sequence number
 _U16 = struct.Struct("!H")
 SECOND = 1_000_000_000
-IPPROTO_IPIP, IPPROTO_IPV6 = 4, 41  # <netinet/in.h>
 
 
 @dataclass(slots=True)
@@ -71,6 +76,19 @@ class JoinStats:
     capture_stats: dict[str, Any] = field(default_factory=dict)
 
 
+# where the transport checksum sits, per protocol (TCP, UDP, ICMP, ICMPv6)
+_CSUM_AT = {6: 16, 17: 6, 1: 2, 58: 2}
+
+
+def _l4_key_bytes(proto: int, l4: bytes | memoryview) -> bytes:
+    """L4 bytes with the checksum left out: the kernel logs outbound cleartext before the checksum
+    is completed (CHECKSUM_PARTIAL, seen on IPv6 UDP over veth), ESP carries the finished one."""
+    at = _CSUM_AT.get(proto)
+    if at is None or len(l4) < at + 2:
+        return bytes(l4)
+    return bytes(l4[:at]) + bytes(l4[at + 2:])
+
+
 def _inner_key(pkt: bytes | memoryview) -> int | None:
     """Hash of the addresses and L4 bytes: the same for the inner packet we decrypted and the
     cleartext the kernel logged, whatever TTL/checksum/length fixes happened in between."""
@@ -80,9 +98,9 @@ def _inner_key(pkt: bytes | memoryview) -> int | None:
     if v == 4:
         ihl = (pkt[0] & 0x0F) * 4
         end = _U16.unpack_from(pkt, 2)[0] or len(pkt)
-        return hash(bytes(pkt[12:20]) + bytes(pkt[ihl:end]))
+        return hash(bytes(pkt[12:20]) + _l4_key_bytes(pkt[9], pkt[ihl:end]))
     if v == 6 and len(pkt) >= 40:
-        return hash(bytes(pkt[8:40]) + bytes(pkt[40:40 + _U16.unpack_from(pkt, 4)[0]]))
+        return hash(bytes(pkt[8:40]) + _l4_key_bytes(pkt[6], pkt[40:40 + _U16.unpack_from(pkt, 4)[0]]))
     return None
 
 
@@ -210,11 +228,6 @@ class Joiner:
             res = self.decoder.decrypt(payload)
             p.decrypt = res.status
             inner = res.inner
-            if inner is not None and res.next_header in (IPPROTO_IPIP, IPPROTO_IPV6) and \
-                    (res.sa is None or res.sa.mode != "tunnel"):
-                # esp_sa files carry no mode, so a tunnel SA decodes as transport: the inner
-                # packet follows the rebuilt outer header
-                inner = inner[(inner[0] & 0x0F) * 4 if inner[0] >> 4 == 4 else 40:]
             if inner is not None:
                 ckey = _inner_key(inner)
         if ckey is None:
@@ -250,7 +263,15 @@ class Joiner:
                     return
         c.key = keys[0] if keys else None
         if c.key is not None:
-            self._clear_wait.setdefault(c.key, []).append(c)
+            waiting = self._clear_wait.setdefault(c.key, [])
+            first = waiting[-1] if waiting else None
+            if first is not None and first.point != c.point and all(pt != c.point for pt, _ in first.also) \
+                    and c.time_ns - first.time_ns <= self.clear_window_ns:
+                # the same packet at its next point (filter-out then mangle-post-out): one packet
+                c.absorbed = True
+                first.also.append((c.point, c.time_ns))
+                return
+            waiting.append(c)
 
     def _absorb_nearest(self, p: Packet) -> None:
         """Outbound ESP without a key match: the most recent unmatched cleartext just before it."""
@@ -268,7 +289,8 @@ class Joiner:
     def _absorb(self, p: Packet, c: Packet) -> None:
         c.absorbed = True
         p.clear.append((c.point, c.time_ns))
-        self.stats.clear_matched += 1
+        p.clear.extend(c.also)
+        self.stats.clear_matched += 1 + len(c.also)
         if c.key is not None:
             lst = self._clear_wait.get(c.key)
             if lst and c in lst:
@@ -360,7 +382,7 @@ class Joiner:
         self._attribute(inc, since)
         self._last_poll[ev.netns] = ev.time_ns
         self.incidents.append(inc)
-        self._note(ev.time_ns, f"{name} +{delta} -> {cause}" +
+        self._note(ev.time_ns, f"{name} +{delta} -> {inc.cause}" +
                    (f" ({inc.attributed} captured packet(s))" if inc.attributed else ""))
 
     def _attribute(self, inc: Incident, since: int | None) -> None:
@@ -383,13 +405,21 @@ class Joiner:
             candidates.append(p)
         candidates.reverse()  # oldest first
         candidates.sort(key=lambda p: -self._fit(p, inc.cause))
+        too_big = 0
         for p in candidates[:inc.delta]:
             p.cause = inc.cause
             p.counter = inc.name
             p.evidence.append(f"{inc.name} +{inc.delta} at {fmt_time(inc.time_ns)}")
+            why = too_big_for_tunnel(p.record.payload) if inc.name == MODE_ERROR_TOO_BIG else None
+            if why is not None:
+                p.cause = "mtu"
+                p.evidence.append(why)
+                too_big += 1
             inc.attributed += 1
             if p.spi is not None:
                 inc.spis[p.spi] = inc.spis.get(p.spi, 0) + 1
+        if too_big and too_big == inc.attributed:
+            inc.cause = "mtu"
 
     def _fit(self, p: Packet, cause: str) -> int:
         for ev in p.events:

@@ -67,6 +67,7 @@ class Packet:
     netns: int | None = None
     decrypt: str | None = None  # our decoder's status when keys were given
     clear: list[tuple[str, int]] = field(default_factory=list)  # (point, time_ns) of its cleartext
+    also: list[tuple[str, int]] = field(default_factory=list)  # a cleartext packet's later points
     events: list[Event] = field(default_factory=list)
     sa: SaLife | None = None
     verdict: str = UNKNOWN
@@ -92,6 +93,7 @@ class Packet:
             "src": self.src, "dst": self.dst, "length": self.length, "verdict": self.verdict,
             "cause": self.cause, "counter": self.counter, "evidence": list(self.evidence),
             "decrypt": self.decrypt, "cleartext": [p for p, _ in self.clear],
+            "also_at": [p for p, _ in self.also],
             "events": [f"{e.source}/{e.kind}" for e in self.events],
             "sa": None if self.sa is None else self.sa.to_dict(),
         }

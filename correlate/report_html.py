@@ -8,6 +8,7 @@ from typing import Any
 
 from ipsec_capture.correlate import svgplot
 from ipsec_capture.correlate.diagnosis import fmt_time
+from ipsec_capture.correlate.summary import drop_spi_label
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
@@ -67,7 +68,7 @@ def _section(d: dict[str, Any]) -> str:
                        for r in d["sas"]]))
     out.append("<h2>Drops and failures</h2>")
     out.append(_table(["cause", "SPI", "dir", "packets", "first", "last", "evidence", "meaning / next step"],
-                      [[g["cause"], g["spi"] or "(no packet)", g["direction"], str(g["packets"]),
+                      [[g["cause"], drop_spi_label(g), g["direction"], str(g["packets"]),
                         _t(g["first_ns"]), _t(g["last_ns"]), g["evidence"], f"{g['summary']} - {g['hint']}"]
                        for g in d["drops"]], ["failed"] * len(d["drops"])) if d["drops"] else "<p>none</p>")
     out.append("<h2>Timeline</h2>")

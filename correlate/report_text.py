@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ipsec_capture.correlate.diagnosis import fmt_time
+from ipsec_capture.correlate.summary import drop_spi_label
 
 
 def _t(ns: int | None) -> str:
@@ -49,7 +50,7 @@ def render(d: dict[str, Any]) -> str:
     if not d["drops"]:
         out.append("  none")
     for g in d["drops"]:
-        spi = g["spi"] or "(no packet)"
+        spi = drop_spi_label(g)
         out.append(f"  {g['cause']:<14} {spi:<12} {g['direction']:<3} {g['packets']:>6} pkts  "
                    f"{_t(g['first_ns'])} .. {_t(g['last_ns'])}")
         out.append(f"      {g['evidence']}")

@@ -181,6 +181,10 @@ class Summary:
                 g = self.drops.get((inc.cause, spi, inc.direction))
                 if g is not None:
                     g.counters[inc.name] = g.counters.get(inc.name, 0) + inc.delta
+            clear = inc.attributed - sum(inc.spis.values())  # cleartext packets it was given to
+            g = self.drops.get((inc.cause, None, inc.direction)) if clear > 0 else None
+            if g is not None:
+                g.counters[inc.name] = g.counters.get(inc.name, 0) + clear
             rest = inc.delta - inc.attributed if inc.source == "xfrm_stat" else \
                 (0 if inc.spis and (inc.cause, next(iter(inc.spis)), inc.direction) in self.drops else 1)
             if rest <= 0:
@@ -201,10 +205,11 @@ class Summary:
         parts = []
         counters = ", ".join(f"{k} +{v}" for k, v in sorted(g.counters.items()))
         if g.spi is None:
-            parts.append("no captured packet explains it")
+            parts.append(f"{g.packets} cleartext packet{'s' if g.packets != 1 else ''} never became ESP"
+                         if g.packets else "no captured packet explains it")
             if counters:
                 parts.append(counters)
-            parts.extend(e for e in g.example if e not in counters)
+            parts.extend(e for e in g.example if not any(e.startswith(c) for c in counters.split(", ") if c))
             return "; ".join(parts)
         gone = joiner.history.deleted_before(g.spi, g.first_ns) if g.cause == "no-state" else None
         if gone is not None and gone.end_ns is not None:
@@ -217,3 +222,8 @@ class Summary:
         if counters:
             parts.append(counters)
         return ", ".join(parts)
+
+
+def drop_spi_label(group: dict[str, Any]) -> str:
+    """The SPI column of a drop group (JSON form): its SPI, cleartext packets, or kernel-only."""
+    return group["spi"] or ("cleartext" if group["packets"] else "(no packet)")

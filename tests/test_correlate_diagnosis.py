@@ -176,3 +176,28 @@ def test_without_evidence_the_verdict_is_unknown_not_ok():
     p = an.summary.packets[0]
     assert p.verdict == "unknown" and p.cause is None
     assert "no cleartext capture point" in p.evidence[0]
+
+
+def test_mode_error_on_big_df_packets_is_mtu_and_each_packet_counts_once():
+    """A tunnel refusing DF packets too big once encapsulated moves XfrmOutStateModeError: each
+    refused packet, logged at filter-out and again at mangle-post-out, is one failed packet, `mtu`."""
+    h = Host(netns=4026531999)
+    big = [udp4(IA, IB, 100 + i, b"\xa5" * 1172) for i in range(3)]
+    assert all(p[6] & 0x40 for p in big) and len(big[0]) == 1200  # synthetic packets carry DF
+    for i, pkt in enumerate(big):
+        h.clear(T0 + i * MS, "filter-out", pkt)
+        h.clear(T0 + i * MS + 10_000, "mangle-post-out", pkt)
+    small = udp4(IA, IB, 200, b"x")
+    h.clear(T0 + 5 * MS, "filter-out", small)
+    h.clear(T0 + 5 * MS + 10_000, "mangle-post-out", small)
+    h.counter(T0 + 50 * MS, "XfrmOutStateModeError", 4, 4)
+    an = analyse(inputs(h))
+    packets = an.summary.packets
+    assert len(packets) == 4 and all(p.verdict == "failed" for p in packets)
+    assert all(p.also == [("mangle-post-out", p.time_ns + 10_000)] for p in packets)
+    causes = sorted(p.cause for p in packets)
+    assert causes == ["mode-mismatch", "mtu", "mtu", "mtu"]  # a 29-byte packet cannot be too big
+    mtu = [p for p in packets if p.cause == "mtu"]
+    assert all("1200-byte IPv4 packet (DF set" in " ".join(p.evidence) for p in mtu)
+    drops = {d["cause"]: d for d in an.to_dict()["drops"]}
+    assert drops["mtu"]["packets"] == 3 and "3 cleartext packets never became ESP" in drops["mtu"]["evidence"]
