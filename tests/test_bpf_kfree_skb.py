@@ -150,9 +150,8 @@ def test_instances_made_unhashed_leave_the_top_level_option_as_it_was():
     try:
         with open(opt) as f:
             before = f.read().strip()
-        with tfs.pointers_unhashed():
-            with open(opt) as f:
-                assert f.read().strip() == "0"
+        with tfs.pointers_unhashed(), open(opt) as f:
+            assert f.read().strip() == "0"
         with open(opt) as f:
             assert f.read().strip() == before
     finally:
