@@ -38,6 +38,7 @@ from ipsec_capture.models import Event, Record
 _ESP = struct.Struct("!II")  # RFC 4303: SPI, sequence number
 _U16 = struct.Struct("!H")
 SECOND = 1_000_000_000
+DROP_AFTER_PROBE_NS = SECOND // 2  # xfrm_input's drop follows its probe within microseconds (ms under TCG)
 
 
 @dataclass(slots=True)
@@ -149,7 +150,9 @@ class Joiner:
         self._by_spiseq: dict[tuple[int, int], list[Packet]] = {}
         self._early: dict[tuple[int, int], list[Event]] = {}
         self._early_order: deque[tuple[int, tuple[int, int]]] = deque()
-        self._by_skb: dict[str, Packet] = {}
+        # skb address -> (its packet, or the (SPI, seq) of a probe still waiting for its packet;
+        # when the probe saw it). Addresses are reused at once, so only the latest probe counts.
+        self._by_skb: dict[str, tuple[Packet | tuple[int, int], int]] = {}
         self._esp_wait: dict[int, Packet] = {}  # clear key -> ESP packet awaiting its cleartext
         self._clear_wait: dict[int, list[Packet]] = {}  # clear key -> cleartext awaiting its ESP
         self._last_poll: dict[int | None, int] = {}
@@ -346,6 +349,13 @@ class Joiner:
             if same_ns and (ev.kind == "xfrm_output") == (p.direction == "out"):
                 self._attach(p, ev)
                 return
+        self._wait_early(key, ev)
+        skb = ev.detail.get("skb") if ev.detail else None
+        if skb:
+            self._by_skb[skb] = (key, ev.time_ns)
+
+    def _wait_early(self, key: tuple[int, int], ev: Event) -> None:
+        """An event whose packet has not been read yet (NFLOG's clock may lag the kernel's)."""
         self._early.setdefault(key, []).append(ev)
         self._early_order.append((ev.time_ns, key))
 
@@ -354,14 +364,17 @@ class Joiner:
         self.stats.events_matched += 1
         skb = ev.detail.get("skb") if ev.detail else None
         if skb:
-            self._by_skb[skb] = p
+            self._by_skb[skb] = (p, ev.time_ns)
 
     def _drop(self, ev: Event) -> None:
         skb = ev.detail.get("skbaddr") if ev.detail else None
-        p = self._by_skb.get(skb) if skb else None
-        if p is not None:
-            p.events.append(ev)
-            self.stats.events_matched += 1
+        target, seen = self._by_skb.get(skb, (None, 0)) if skb else (None, 0)
+        if target is not None and 0 <= ev.time_ns - seen <= DROP_AFTER_PROBE_NS:
+            if isinstance(target, Packet):
+                target.events.append(ev)
+                self.stats.events_matched += 1
+            else:
+                self._wait_early(target, ev)
             return
         loc = str(ev.detail.get("location", "?"))
         cause = cause_for_drop(ev.reason, loc)
@@ -461,7 +474,7 @@ class Joiner:
                 del self._esp_wait[p.key]
             for ev in p.events:
                 skb = ev.detail.get("skb") if ev.detail else None
-                if skb and self._by_skb.get(skb) is p:
+                if skb and self._by_skb.get(skb, (None,))[0] is p:
                     del self._by_skb[skb]
         else:
             if p.key is not None:

@@ -201,3 +201,21 @@ def test_mode_error_on_big_df_packets_is_mtu_and_each_packet_counts_once():
     assert all("1200-byte IPv4 packet (DF set" in " ".join(p.evidence) for p in mtu)
     drops = {d["cause"]: d for d in an.to_dict()["drops"]}
     assert drops["mtu"]["packets"] == 3 and "3 cleartext packets never became ESP" in drops["mtu"]["evidence"]
+
+
+def test_a_reused_skb_address_names_the_latest_packet_not_an_older_one():
+    """skb addresses are reused at once, and NFLOG's clock may lag the probes': packet 2's probe
+    and drop come before its record, with the address packet 1 had. The drop is packet 2's."""
+    h = Host()
+    traffic_in(h, T0 + MS, 1, None, decap=True)
+    h.event(T0 + MS - 500, "kprobe", "xfrm_input", spi=SPI, seq=1, ret=0, detail={"skb": "0x77"})
+    h.event(T0 + 2 * MS - 3000, "kprobe", "xfrm_input", spi=SPI, seq=2, ret=0, detail={"skb": "0x77"})
+    drop = {"location": "xfrm_input+0x1df", "skbaddr": "0x77"}
+    h.event(T0 + 2 * MS - 2000, "kfree_skb", "drop", detail=drop)
+    traffic_in(h, T0 + 2 * MS, 2, None, decap=False)
+    h.event(T0 + 3 * MS, "kfree_skb", "drop", detail=drop)
+    an = analyse(inputs(h))
+    pk = by_seq(an)
+    assert pk[1].verdict == "ok" and not any(e.source == "kfree_skb" for e in pk[1].events)
+    assert pk[2].verdict == "failed" and pk[2].cause == "no-state"
+    assert sum(e.source == "kfree_skb" for e in pk[2].events) == 2
