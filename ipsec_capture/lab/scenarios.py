@@ -226,8 +226,10 @@ def up(name: str, prefix: str = "lab") -> LabState:
         raise UserError(f"a lab with prefix {prefix!r} is already up: run `ipsec-capture lab down` first")
     ok, why = esp_supported()
     if not ok:
-        raise UserError(f"this kernel cannot do ESP ({why or 'ip xfrm state add failed'}); run the lab "
-                        f"in the VM: ipsec-capture lab vm -- ipsec-capture lab up --scenario {name}")
+        raise UserError(f"this kernel cannot do ESP ({why or 'ip xfrm state add failed'}); the kernel "
+                        f"lab VM can (a lab lives as long as the VM's command): ipsec-capture lab vm -- "
+                        f"bash -c 'ipsec-capture lab up --scenario {name} && ipsec-capture lab traffic', "
+                        f"or ./dev.sh demo for a whole capture")
     state = new_state(spec, prefix)
     try:
         build(state)
