@@ -1,7 +1,9 @@
-"""The README's main command (`./dev.sh demo`): real IPsec, captured, with keys, on any machine.
+"""The README's main command (`./dev.sh demo`): real IPsec, captured, explained, on any machine.
 
-If this kernel can do ESP, the demo runs here: `lab up` (AES-GCM transport), `start` capturing in
-the left host's namespace, `lab traffic`, SIGINT, `keys` from the kernel, and a few tshark lines.
+If this kernel can do ESP, the demo runs here: `lab up` (AES-GCM transport), `start` on the
+receiving host (all capture points, kernel events: kprobes where the kernel and bcc allow),
+`lab traffic` both ways, then a fault (the receiver's SA deleted while traffic flows), SIGINT,
+`report` on the bundle and a few tshark lines with ESP decrypted by the bundle's key file.
 Otherwise the same script runs inside the kernel lab VM with the output directory shared
 read-write, so the bundle lands on this machine either way.
 """
@@ -22,17 +24,8 @@ from pathlib import Path
 from ipsec_capture.errors import UserError, require_root
 
 PREFIX = "demo"
-READY_TIMEOUT = 120  # `start` under TCG: rule install + socket setup
-
-
-def available_commands() -> set[str]:
-    """Subcommands this build of ipsec-capture has (others are still being written)."""
-    from ipsec_capture.cli import build_parser
-
-    for action in build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return set(action.choices)
-    return set()
+READY_TIMEOUT = 600  # `start` under TCG: rules, sockets, and a bcc compile of the kprobes (~90 s)
+FAULT = "delete-sa"
 
 
 def cli(*args: str) -> list[str]:
@@ -43,9 +36,10 @@ def say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def start_capture(netns: str, pcapng: Path) -> subprocess.Popen | None:
+def start_capture(netns: str, pcapng: Path, kernel_events: str) -> subprocess.Popen | None:
     """`ipsec-capture start` in the background; None if it never said it was ready."""
-    argv = ["ip", "netns", "exec", netns, *cli("start", "-w", str(pcapng))]
+    argv = cli("start", "--group", "5", "-w", str(pcapng), "--netns", netns, "--kernel-events",
+               kernel_events)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.monotonic() + READY_TIMEOUT
@@ -58,7 +52,7 @@ def start_capture(netns: str, pcapng: Path) -> subprocess.Popen | None:
             line = proc.stderr.readline()
             if line:
                 say(f"start: {line.strip()}")
-            if "ready" in line:
+            if line.startswith("ready"):
                 return proc
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=30)
@@ -66,15 +60,16 @@ def start_capture(netns: str, pcapng: Path) -> subprocess.Popen | None:
     return None
 
 
-def stop_capture(proc: subprocess.Popen) -> None:
+def stop_capture(proc: subprocess.Popen) -> int:
     proc.send_signal(signal.SIGINT)
     try:
         out, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
-    for line in (out + err).strip().splitlines()[-5:]:
+    for line in (out + err).strip().splitlines():
         say(f"start: {line}")
+    return proc.returncode
 
 
 def tshark_lines(pcapng: Path, esp_sa: Path, count: int = 12) -> str:
@@ -91,50 +86,47 @@ def tshark_lines(pcapng: Path, esp_sa: Path, count: int = 12) -> str:
     return r.stdout.strip() or r.stderr.strip()
 
 
-def run_here(out: Path, scenario: str) -> int:
+def run_here(out: Path, scenario: str, kernel_events: str) -> int:
     """The demo on this kernel (which must do ESP)."""
-    from ipsec_capture.lab import scenarios, traffic
+    from ipsec_capture.lab import faults, scenarios, traffic
 
     out.mkdir(parents=True, exist_ok=True)
-    pcapng, esp_sa = out / "capture.pcapng", out / "capture.esp_sa"
-    have = available_commands()
-    missing = [c for c in ("start", "keys") if c not in have]
-    if missing:
-        say(f"this build has no `ipsec-capture {' / '.join(missing)}` yet: "
-            "that part of the demo is skipped")
+    pcapng = out / "capture.pcapng"
+    esp_sa, events = pcapng.with_suffix(".esp_sa"), pcapng.with_suffix(".events.jsonl")
     scenarios.teardown(PREFIX)  # a previous demo interrupted hard
     state = scenarios.up(scenario, PREFIX)
     rc = 0
     try:
         say(f"lab up: {state.spec.summary}; {state.left} {state.left_host} <-> {state.right} "
             f"{state.right_host}")
-        capture = start_capture(state.left, pcapng) if "start" in have else None
-        if "start" in have and capture is None:
-            rc = 1
+        say(f"capturing on the receiving host {state.right}")
+        capture = start_capture(state.right, pcapng, kernel_events)
+        if capture is None:
+            return 1
         try:
             for r in traffic.exchange(state, count=5):
                 say(r.line())
                 rc = rc or (0 if r.ok else 1)
+            say(f"fault: {faults.fault(FAULT).summary}")
+            say(faults.inject(state, FAULT).line())
+            time.sleep(1)  # one more xfrm_stat sample lands in the events log
         finally:
-            if capture is not None:
-                stop_capture(capture)
-        if "keys" in have:
-            r = subprocess.run(cli("keys", "--netns", state.left, "-w", str(esp_sa)),
-                               capture_output=True, text=True)
-            if r.returncode != 0:
-                say(f"keys failed: {r.stderr.strip()}")
-                rc = 1
+            rc = stop_capture(capture) or rc
     finally:
         scenarios.teardown(PREFIX)
-    if pcapng.exists():
-        say(f"first packets (tshark, ESP decrypted with {esp_sa.name}):")
-        print(tshark_lines(pcapng, esp_sa), flush=True)
-    made = [p for p in (pcapng, out / "capture.events.jsonl", esp_sa) if p.exists()]
-    say("bundle: " + (", ".join(str(p) for p in made) if made else f"nothing written in {out}"))
+    say("report (ipsec-capture report " + str(pcapng) + "):")
+    r = subprocess.run(cli("report", str(pcapng), "--limit", "12"), capture_output=True, text=True)
+    print(r.stdout.rstrip() or r.stderr.rstrip(), flush=True)
+    rc = rc or r.returncode
+    say(f"first packets (tshark, ESP decrypted with {esp_sa.name}):")
+    print(tshark_lines(pcapng, esp_sa), flush=True)
+    made = [p for p in (pcapng, events, esp_sa) if p.exists()]
+    say("bundle: " + ", ".join(str(p) for p in made))
+    say(f"HTML report: ipsec-capture report {pcapng} --format html -o {out / 'report.html'}")
     return rc
 
 
-def run_in_vm(out: Path, scenario: str) -> int:
+def run_in_vm(out: Path, scenario: str, kernel_events: str) -> int:
     from ipsec_capture.lab.scenarios import esp_supported
     from ipsec_capture.lab.vm import LabVM
 
@@ -152,7 +144,8 @@ def run_in_vm(out: Path, scenario: str) -> int:
     with LabVM(memory="2G", cpus=2, rw=[out]) as vm:
         say(f"VM booted in {vm.boot_seconds:.1f} s")
         result = vm.run([sys.executable, "-m", "ipsec_capture.lab.demo", "--here", "--out", str(out),
-                         "--scenario", scenario], timeout=1200, on_output=stream)
+                         "--scenario", scenario, "--kernel-events", kernel_events], timeout=1200,
+                        on_output=stream)
     say(f"VM done in {time.monotonic() - t0:.0f} s; the bundle is on this machine in {out}")
     return result.rc
 
@@ -167,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="ipsec-capture-demo",
                         help="bundle directory (default ./ipsec-capture-demo)")
     parser.add_argument("--scenario", default="gcm", choices=list(SCENARIOS))
+    parser.add_argument("--kernel-events", default="auto", choices=("auto", "kprobe", "tracepoint", "off"),
+                        help="as for `start` (default auto: kprobes where possible, compiled first)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--here", action="store_true", help="run on this kernel (it must do ESP)")
     where.add_argument("--vm", action="store_true",
@@ -176,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         require_root("the demo")
         if args.here or (not args.vm and esp_supported()[0]):
-            return run_here(out, args.scenario)
-        return run_in_vm(out, args.scenario)
+            return run_here(out, args.scenario, args.kernel_events)
+        return run_in_vm(out, args.scenario, args.kernel_events)
     except UserError as err:
         print(f"ipsec-capture demo: error: {err}", file=sys.stderr)
         return err.exit_code
