@@ -55,6 +55,22 @@ def sa_packets(netns: str) -> dict[str, int]:
     return {f"0x{spi:08x}": n for spi, n in parse_sa_packets(text).items()}
 
 
+REKEY_SPI = 0x0BADC0DE
+
+
+def rekey(netns: str, state: dict) -> dict:
+    """What an IKE daemon does at a rekey, as far as keys go: a new inbound SA (same algorithms,
+    new SPI and key). Returns the SPI and key for the test to find in the bundle's key file."""
+    from ipsec_capture.lab.scenarios import LabState, sa_line
+
+    lab = LabState.load(state["prefix"])
+    key = os.urandom(len(bytes.fromhex(lab.r2l.enc_key))).hex()
+    line = sa_line(lab, "r2l", enc_key=key).replace(f"spi {lab.r2l.spi:#010x}", f"spi {REKEY_SPI:#010x}")
+    subprocess.run(["ip", "-n", netns, *line.split()], check=True, capture_output=True, timeout=60)
+    time.sleep(0.5)  # the monitor notification reaches the key file keeper
+    return {"spi": f"0x{REKEY_SPI:08x}", "enc_key": key}
+
+
 def leftovers() -> dict[str, list[str]]:
     """Namespaces, lab state files and NAT-T helper processes that exist now."""
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
@@ -118,9 +134,11 @@ def run_scenario(name: str, out: Path) -> dict:
             pcapng = out / f"{name}-{backend}.pcapng"
             cap = Capture(pcapng, left, backend)
             traffic = cli("lab", "traffic", "--count", str(COUNT), "--prefix", prefix)
+            if backend == BACKENDS[-1]:
+                case["sa_packets_after"] = {ns: sa_packets(ns) for ns in (state["left"], state["right"])}
+                case["rekey"] = rekey(left, state)  # an SA appears while `start` runs
             case["captures"][backend] = {"file": pcapng.name, "traffic": traffic, **cap.stop()}
             say(f"{name}/{backend}: ready in {cap.ready_s} s, traffic rc {traffic['rc']}")
-        case["sa_packets_after"] = {ns: sa_packets(ns) for ns in (state["left"], state["right"])}
         case["keys"] = cli("keys", "--netns", left, "-w", str(out / f"{name}.kernel.esp_sa"))
         fault = FAULT_FOR[name]
         netns = state[FAULTS[fault].side]

@@ -27,7 +27,8 @@ from ipsec_capture.lab.scenarios import SCENARIOS
 from ipsec_capture.lab.vm import LabVM
 from tests.lab.capture_run import BACKENDS, COUNT, FAULT_FOR
 
-pytestmark = pytest.mark.lab
+# the kernel half (the lab_run fixture) takes ~10 min under TCG, counted in the first test's timeout
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(2700)]
 
 RUNNER = Path(__file__).with_name("capture_run.py")
 CLI = [sys.executable, "-m", "ipsec_capture"]
@@ -111,7 +112,7 @@ def test_traffic_passes_both_ways_through_esp(lab_run: Path, scenario: str) -> N
                 assert f"{proto} {way}: sent {COUNT}, received {COUNT}" in lines, (backend, lines)
     for ns, before in data["sa_packets_before"].items():
         after = data["sa_packets_after"][ns]
-        assert set(before) == set(after) == spis  # both SAs on both hosts
+        assert set(before) == set(after) == spis, (before, after)  # both SAs on both hosts
         for spi in spis:  # per capture: COUNT pings and UDP echoes each way, each a request and a reply
             assert after[spi] - before[spi] >= len(BACKENDS) * 4 * COUNT, (ns, spi, before, after)
 
@@ -145,10 +146,16 @@ def test_keys_from_the_kernel_are_the_installed_ones(lab_run: Path, scenario: st
         assert row and sa["enc_key"].lower().removeprefix("0x") in row, (sa, kernel)
         if sa.get("auth_key"):
             assert sa["auth_key"].lower().removeprefix("0x") in row
+    rekeyed = data["rekey"]
+    assert rekeyed["spi"] in kernel and rekeyed["enc_key"] in kernel
     for backend in BACKENDS:  # `start` kept its own key file beside each capture
         own = lab_run / data["captures"][backend]["file"].replace(".pcapng", ".esp_sa")
         assert own.stat().st_mode & 0o777 == 0o600
-        assert sorted(own.read_text().lower().splitlines()) == sorted(kernel.splitlines())
+        rows = own.read_text().lower().splitlines()
+        # the last capture saw an SA appear while it ran: the keeper added it from the monitor
+        expected = kernel.splitlines() if backend == BACKENDS[-1] else \
+            [line for line in kernel.splitlines() if rekeyed["spi"] not in line]
+        assert sorted(rows) == sorted(expected), (backend, rows, expected)
 
 
 @pytest.mark.parametrize(("scenario", "backend"), CASES)
