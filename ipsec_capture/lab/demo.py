@@ -81,9 +81,17 @@ def tshark_lines(pcapng: Path, esp_sa: Path, count: int = 12) -> str:
                            text=True)
         if r.returncode == 0:
             extra = shlex.split(r.stdout)
-    r = subprocess.run(["tshark", "-n", "-r", str(pcapng), "-c", str(count), *extra],
+    fields = ("frame.number", "frame.interface_name", "ip.src", "ip.dst", "esp.spi", "_ws.col.Protocol",
+              "_ws.col.Info")
+    r = subprocess.run(["tshark", "-n", "-r", str(pcapng), "-c", str(count), *extra, "-T", "fields",
+                        "-E", "separator=\t", *(a for f in fields for a in ("-e", f))],
                        capture_output=True, text=True)
-    return r.stdout.strip() or r.stderr.strip()
+    if r.returncode != 0:
+        return r.stderr.strip()
+    rows = [line.split("\t") for line in r.stdout.splitlines()]
+    rows = [row for row in rows if len(row) == len(fields)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(fields))] if rows else []
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 def run_here(out: Path, scenario: str, kernel_events: str) -> int:

@@ -9,7 +9,8 @@ Under TCG every command costs seconds, so one `lab up` per scenario serves all o
   1. `lab traffic` captured by `start` in the left host, once per rule backend (nft, iptables),
      with the kernel's SA packet counters read before and after (`ip -s xfrm state`);
   2. `keys` reading the SAs from the kernel over XFRM netlink;
-  3. the scenario's fault (`lab fault NAME`), captured by `start` on the side whose counter moves;
+  3. the scenario's fault (`lab fault NAME`), captured by `start` on the side whose counter moves
+     and, at the same time, on the other side (two bundles of one tunnel);
   4. `lab down`, and what is left afterwards.
 With --kprobe, one more lab (gcm, delete-sa) is captured with `--kernel-events kprobe`.
 Writes OUT_DIR/<case>.json per case and prints a line per step; exits non-zero if a step failed.
@@ -144,8 +145,13 @@ def run_scenario(name: str, out: Path) -> dict:
         netns = state[FAULTS[fault].side]
         pcapng = out / f"{name}-fault-{fault}.pcapng"
         cap = Capture(pcapng, netns)
+        # the other end too, for the two-bundle join (sent at one end, verdict at the other)
+        other = state["left"] if netns == state["right"] else state["right"]
+        peer_pcapng = out / f"{name}-fault-{fault}-peer.pcapng"
+        peer = Capture(peer_pcapng, other)
         result = cli("lab", "fault", fault, "--json", "--prefix", prefix)
-        case["fault"] = {"name": fault, "netns": netns, "file": pcapng.name, "result": result, **cap.stop()}
+        case["fault"] = {"name": fault, "netns": netns, "file": pcapng.name, "result": result, **cap.stop(),
+                         "peer": {"netns": other, "file": peer_pcapng.name, **peer.stop()}}
         say(f"{name}: fault {fault} rc {result['rc']}")
     finally:
         case["down"] = cli("lab", "down", "--prefix", prefix)

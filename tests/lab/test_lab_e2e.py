@@ -257,6 +257,25 @@ def test_fault_moves_its_counter_and_is_diagnosed(lab_run: Path, scenario: str) 
     assert sum(i["delta"] for i in incidents) == moved["after"] - moved["before"], rep["incidents"]
 
 
+def test_two_ends_of_the_tunnel_join_by_spi_and_seq(lab_run: Path) -> None:
+    """gcm's delete-sa fault captured at both ends at once: every ESP packet the left host sent
+    arrived at the right one, and the right one's verdicts (ok, or no-state after the delete)
+    show on the left's packets."""
+    data = case(lab_run, "gcm")
+    fault, peer = data["fault"], data["fault"]["peer"]
+    assert peer["rc"] == 0 and peer["netns"] == data["state"]["left"], peer["stderr"][-2000:]
+    r = cli("report", str(lab_run / peer["file"]), str(lab_run / fault["file"]), "--format", "json")
+    assert r.returncode == 0, r.stderr
+    (join,) = json.loads(r.stdout)["peers"]
+    rows = {row["spi"]: row for row in join["sas"]}
+    l2r = rows[f"0x{int(data['state']['l2r']['spi']):08x}"]
+    moved = json.loads(fault["result"]["stdout"])
+    assert l2r["from"] == peer["file"] and l2r["to"] == fault["file"]
+    assert l2r["sent"] == l2r["arrived"] > 0 and l2r["lost"] == 0 and l2r["unsent"] == 0, l2r
+    assert l2r["failed"] == {"no-state": moved["after"] - moved["before"]}, l2r
+    assert l2r["ok"] + sum(l2r["failed"].values()) + l2r["unknown"] == l2r["arrived"]
+
+
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_lab_down_leaves_nothing(lab_run: Path, scenario: str) -> None:
     data = case(lab_run, scenario)
