@@ -71,7 +71,9 @@ def send(ns: str, sender: Path, n: int, rate: int) -> int:
 
 def run_ours(ns: str, sender: Path, n: int, rate: int, out: Path) -> tuple[int, int]:
     proc = subprocess.Popen([sys.executable, "-m", "ipsec_capture", "start", "--group", str(GROUP), "-w",
-                             str(out), "--netns", ns, "--no-rules", "--json", "--quiet"], cwd=ROOT,
+                             str(out), "--netns", ns, "--no-rules", "--json", "--quiet",
+                             # packets only, like tcpdump: no kernel event sources, no key file
+                             "--kernel-events", "off", "--no-keys"], cwd=ROOT,
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         if not proc.stderr.readline().startswith("ready"):
