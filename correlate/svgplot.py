@@ -76,7 +76,8 @@ def bars(title: str, spans: list[tuple[str, int, int, str]], t0: int, t1: int) -
     if not spans:
         return "".join(_frame(title, 60)) + f'<text x="{LEFT}" y="44" font-size="12">none</text></svg>'
     t1 = max(t1, t0 + 1)
-    height = TOP + 22 * len(spans) + BOTTOM
+    row = 30  # the label on its own line above the bar: an IPv6 SA's label is wider than any margin
+    height = TOP + row * len(spans) + BOTTOM
     pw = W - LEFT - RIGHT
     parts = _frame(title, height)
 
@@ -84,12 +85,12 @@ def bars(title: str, spans: list[tuple[str, int, int, str]], t0: int, t1: int) -
         return LEFT + pw * (min(max(t, t0), t1) - t0) / (t1 - t0)
 
     for i, (label, start, end, note) in enumerate(spans):
-        y = TOP + 22 * i
+        y = TOP + row * i
         color = COLORS[i % len(COLORS)]
         x0, x1 = sx(start), sx(end)
-        parts.append(f'<rect x="{x0:.1f}" y="{y + 3}" width="{max(x1 - x0, 2):.1f}" height="14" '
+        parts.append(f'<text x="{LEFT}" y="{y + 10}" font-size="11">{escape(label)}</text>')
+        parts.append(f'<rect x="{x0:.1f}" y="{y + 14}" width="{max(x1 - x0, 2):.1f}" height="12" '
                      f'fill="{color}" opacity="0.8"><title>{escape(label)} {escape(note)}</title></rect>')
-        parts.append(f'<text x="{W - RIGHT + 10}" y="{y + 14}" font-size="11">{escape(label)}</text>')
-    _x_axis(parts, t0, t1, TOP + 22 * len(spans) + 4)
+    _x_axis(parts, t0, t1, TOP + row * len(spans) + 4)
     parts.append("</svg>")
     return "".join(parts)
