@@ -6,10 +6,16 @@ the link types an IPsec capture comes in (NFLOG, raw IP, Ethernet with VLAN tags
 v1/v2). Record.payload is always the IP packet. A file cut short in its last block (a capture
 that crashed) is read to the last whole packet with a warning; anything else malformed is a
 UserError naming the offset.
+
+The file is read in large chunks and records are sliced out of memory (two read() calls and a
+memoryview per packet cost more than the rest of reading). Each payload is its own bytes object
+(or a view of one), never a view of a chunk: callers keep Records, and a kept Record must not pin
+megabytes of file.
 """
 
 from __future__ import annotations
 
+import socket
 import struct
 import sys
 from collections.abc import Callable, Iterator
@@ -46,6 +52,12 @@ IF_TSRESOL = 9
 IF_TSOFFSET = 14
 
 _BE16 = struct.Struct("!H")
+CHUNK = 1 << 22  # bytes per read(): few system calls, and little memory held at once
+MAX_RECORD = 0x4000000  # 64 MiB: no packet or block is that big; the file is not what it claims
+RAW_LINKTYPES = frozenset((LINKTYPE_RAW, LINKTYPE_IPV4, LINKTYPE_IPV6))
+# family_of() by the first byte of the packet (IP version in the high nibble), without a call
+_FAMILY_BY_FIRST = tuple(socket.AF_INET if b >> 4 == 4 else socket.AF_INET6 if b >> 4 == 6 else 0
+                         for b in range(256))
 
 Warn = Callable[[str], None]
 
@@ -86,8 +98,9 @@ def _ip_from_frame(linktype: int, data: memoryview) -> memoryview | None:
     raise UserError(f"link type {linktype} is not supported: use NFLOG, raw IP, Ethernet or Linux cooked")
 
 
-def _record(path: str, off: int, iface: _Iface, time_ns: int, data: memoryview, orig: int,
+def _record(path: str, off: int, iface: _Iface, time_ns: int, data: bytes, orig: int,
             comment: str | None) -> Record | None:
+    """The Record of one frame; `data` is that frame's own bytes (views into it stay small)."""
     if iface.linktype == LINKTYPE_NFLOG:
         try:
             rec = parse_body(data, time_ns, detect_tlv_order(data))
@@ -97,14 +110,59 @@ def _record(path: str, off: int, iface: _Iface, time_ns: int, data: memoryview, 
         rec.point = rec.point or iface.name
         if orig > len(data):
             rec.length = len(rec.payload) + orig - len(data)
+    elif iface.linktype in RAW_LINKTYPES:
+        rec = Record(time_ns, iface.name, data, _FAMILY_BY_FIRST[data[0]] if data else 0, orig)
     else:
-        ip = _ip_from_frame(iface.linktype, data)
+        ip = _ip_from_frame(iface.linktype, memoryview(data))
         if ip is None:
             return None
         rec = Record(time_ns, iface.name, ip, family_of(ip), length=orig - (len(data) - len(ip)))
     rec.family = rec.family or family_of(rec.payload)
     rec.comment = comment
     return rec
+
+
+class _Window:
+    """The unread part of the file as one bytes object, refilled a chunk at a time.
+
+    `buf[pos:]` is what has not been consumed; `base` is the file offset of `buf[0]` (for error
+    messages). Parsers read records straight out of `buf` and call `fill` only when the next one
+    is not whole in memory."""
+
+    __slots__ = ("_fh", "base", "buf", "pos")
+
+    def __init__(self, fh: BinaryIO, head: bytes) -> None:
+        self._fh = fh
+        self.buf = head
+        self.pos = 0
+        self.base = 0
+
+    def fill(self, need: int) -> bool:
+        """Have at least `need` unconsumed bytes in `buf`; False when the file ends first (what is
+        there stays in `buf[pos:]`)."""
+        have = len(self.buf) - self.pos
+        if have >= need:
+            return True
+        parts = [self.buf[self.pos:]]
+        while have < need:
+            more = self._fh.read(max(CHUNK, need - have))
+            if not more:
+                break
+            parts.append(more)
+            have += len(more)
+        self.base += self.pos
+        self.buf = b"".join(parts)
+        self.pos = 0
+        return have >= need
+
+    @property
+    def offset(self) -> int:
+        """File offset of the first unconsumed byte."""
+        return self.base + self.pos
+
+    @property
+    def left(self) -> int:
+        return len(self.buf) - self.pos
 
 
 def read_records(path: str, warn: Warn = _stderr_warning) -> Iterator[Record]:
@@ -119,44 +177,85 @@ def read_records(path: str, warn: Warn = _stderr_warning) -> Iterator[Record]:
             raise UserError(f"{path}: not a pcap or pcapng file (only {len(head)} bytes)")
         magic_le = struct.unpack("<I", head)[0]
         if magic_le == BT_SHB:
-            yield from _read_pcapng(fh, path, head, warn)
+            yield from _read_pcapng(_Window(fh, head), path, warn)
         elif magic_le in (PCAP_MAGIC_US, PCAP_MAGIC_NS) or struct.unpack(">I", head)[0] in (
                 PCAP_MAGIC_US, PCAP_MAGIC_NS):
-            yield from _read_pcap(fh, path, head, warn)
+            yield from _read_pcap(_Window(fh, head), path, head, warn)
         else:
             raise UserError(f"{path}: not a pcap or pcapng file (magic 0x{magic_le:08x} at offset 0)")
     finally:
         fh.close()
 
 
-def _read_pcap(fh: BinaryIO, path: str, head: bytes, warn: Warn) -> Iterator[Record]:
+def _read_pcap(win: _Window, path: str, head: bytes, warn: Warn) -> Iterator[Record]:
     order = "<" if struct.unpack("<I", head)[0] in (PCAP_MAGIC_US, PCAP_MAGIC_NS) else ">"
     nsec = struct.unpack(order + "I", head)[0] == PCAP_MAGIC_NS
-    rest = fh.read(20)
-    if len(rest) < 20:
-        raise UserError(f"{path}: pcap file header cut short at offset {4 + len(rest)}")
-    linktype = struct.unpack(order + "HHiIII", rest)[5] & 0x0FFFFFFF  # upper bits: FCS info
+    if not win.fill(24):
+        raise UserError(f"{path}: pcap file header cut short at offset {win.left}")
+    linktype = struct.unpack_from(order + "HHiIII", win.buf, 4)[5] & 0x0FFFFFFF  # upper bits: FCS info
     iface = _Iface(linktype, f"if{0}", 1_000_000_000 if nsec else 1_000_000, 0)
-    rec_hdr = struct.Struct(order + "IIII")
-    mult = 1 if nsec else 1000
-    off = 24
+    win.pos = 24
+    if linktype in RAW_LINKTYPES:
+        yield from _pcap_raw(win, path, order, 1 if nsec else 1000, iface.name, warn)
+    else:
+        yield from _pcap_frames(win, path, order, 1 if nsec else 1000, iface, warn)
+
+
+def _pcap_cut(win: _Window, path: str, count: int, warn: Warn) -> None:
+    """At the end of the file: warn if it stops inside a record (a capture that crashed)."""
+    if win.left >= 16:
+        warn(f"{path}: last packet at offset {win.offset} is cut short; read {count} packets")
+    elif win.left:
+        warn(f"{path}: last packet header at offset {win.offset} is cut short; read {count} packets")
+
+
+def _pcap_raw(win: _Window, path: str, order: str, mult: int, point: str, warn: Warn) -> Iterator[Record]:
+    """Raw-IP pcap, the common case, kept tight: each packet is one slice and one Record."""
+    unpack = struct.Struct(order + "IIII").unpack_from
+    family = _FAMILY_BY_FIRST
     count = 0
     while True:
-        hdr = fh.read(16)
-        if not hdr:
+        buf, pos = win.buf, win.pos
+        end = len(buf)
+        need = 16
+        while pos + 16 <= end:
+            sec, frac, incl, orig = unpack(buf, pos)
+            if incl > MAX_RECORD:
+                raise UserError(f"{path}: malformed pcap record at offset {win.base + pos}: "
+                                f"captured length {incl}")
+            stop = pos + 16 + incl
+            if stop > end:
+                need = 16 + incl
+                break
+            data = buf[pos + 16:stop]
+            pos = stop
+            count += 1
+            yield Record(sec * 1_000_000_000 + frac * mult, point, data, family[data[0]] if data else 0, orig)
+        win.pos = pos
+        if not win.fill(need):
+            _pcap_cut(win, path, count, warn)
             return
-        if len(hdr) < 16:
-            warn(f"{path}: last packet header at offset {off} is cut short; read {count} packets")
+
+
+def _pcap_frames(win: _Window, path: str, order: str, mult: int, iface: _Iface,
+                 warn: Warn) -> Iterator[Record]:
+    """Pcap of any other link type: each frame through `_record`."""
+    unpack = struct.Struct(order + "IIII").unpack_from
+    count = 0
+    while True:
+        if not win.fill(16):
+            _pcap_cut(win, path, count, warn)
             return
-        sec, frac, incl, orig = rec_hdr.unpack(hdr)
-        if incl > 0x4000000:  # 64 MiB: no packet is that big; the file is not what it claims
+        off = win.offset
+        sec, frac, incl, orig = unpack(win.buf, win.pos)
+        if incl > MAX_RECORD:
             raise UserError(f"{path}: malformed pcap record at offset {off}: captured length {incl}")
-        data = fh.read(incl)
-        if len(data) < incl:
-            warn(f"{path}: last packet at offset {off} is cut short; read {count} packets")
+        if not win.fill(16 + incl):
+            _pcap_cut(win, path, count, warn)
             return
-        rec = _record(path, off, iface, sec * 1_000_000_000 + frac * mult, memoryview(data), orig, None)
-        off += 16 + incl
+        data = win.buf[win.pos + 16:win.pos + 16 + incl]
+        win.pos += 16 + incl
+        rec = _record(path, off, iface, sec * 1_000_000_000 + frac * mult, data, orig, None)
         if rec is not None:
             count += 1
             yield rec
@@ -180,26 +279,22 @@ def _text(value: memoryview) -> str:
     return bytes(value).rstrip(b"\0").decode("utf-8", "replace")
 
 
-def _read_pcapng(fh: BinaryIO, path: str, head: bytes, warn: Warn) -> Iterator[Record]:
+def _read_pcapng(win: _Window, path: str, warn: Warn) -> Iterator[Record]:
     order = "<"
     ifaces: list[_Iface] = []
-    off = 0
     count = 0
-    pending = head
     while True:
-        hdr = pending + fh.read(8 - len(pending)) if pending else fh.read(8)
-        pending = b""
-        if not hdr:
+        off = win.offset
+        if not win.fill(8):
+            if win.left:
+                warn(f"{path}: last block at offset {off} is cut short; read {count} packets")
             return
-        if len(hdr) < 8:
-            warn(f"{path}: last block at offset {off} is cut short; read {count} packets")
-            return
-        btype = struct.unpack_from(order + "I", hdr)[0]
+        btype = struct.unpack_from(order + "I", win.buf, win.pos)[0]
         if btype == BT_SHB:
-            bom = fh.read(4)
-            if len(bom) < 4:
+            if not win.fill(12):
                 warn(f"{path}: section header at offset {off} is cut short; read {count} packets")
                 return
+            bom = win.buf[win.pos + 8:win.pos + 12]
             if struct.unpack("<I", bom)[0] == BYTE_ORDER_MAGIC:
                 order = "<"
             elif struct.unpack(">I", bom)[0] == BYTE_ORDER_MAGIC:
@@ -207,29 +302,25 @@ def _read_pcapng(fh: BinaryIO, path: str, head: bytes, warn: Warn) -> Iterator[R
             else:
                 raise UserError(f"{path}: bad byte-order magic in the section header at offset {off}")
             ifaces = []
-            blen = struct.unpack_from(order + "I", hdr, 4)[0]
-            consumed = 12
-        else:
-            blen = struct.unpack_from(order + "I", hdr, 4)[0]
-            consumed = 8
-        if blen < 12 or blen % 4 or blen > 0x4000000:
+        blen = struct.unpack_from(order + "I", win.buf, win.pos + 4)[0]
+        if blen < 12 or blen % 4 or blen > MAX_RECORD:
             raise UserError(f"{path}: malformed pcapng block at offset {off}: length {blen}")
-        rest = fh.read(blen - consumed)
-        if len(rest) < blen - consumed:
+        if not win.fill(blen):
             warn(f"{path}: last block at offset {off} is cut short; read {count} packets")
             return
-        block = memoryview(hdr[:8] + (bom if btype == BT_SHB else b"") + rest)
-        if struct.unpack_from(order + "I", block, blen - 4)[0] != blen:
+        pos = win.pos
+        if struct.unpack_from(order + "I", win.buf, pos + blen - 4)[0] != blen:
             raise UserError(f"{path}: malformed pcapng block at offset {off}: trailing length differs")
-        body = block[8:blen - 4]
+        win.pos = pos + blen
         if btype == BT_IDB:
+            body = memoryview(win.buf)[pos + 8:pos + blen - 4]
             ifaces.append(_idb(path, off, body, order, len(ifaces)))
         elif btype in (BT_EPB, BT_PB, BT_SPB):
+            body = memoryview(win.buf)[pos + 8:pos + blen - 4]
             rec = _packet(path, off, btype, body, order, ifaces)
             if rec is not None:
                 count += 1
                 yield rec
-        off += blen
 
 
 def _idb(path: str, off: int, body: memoryview, order: str, index: int) -> _Iface:
@@ -250,11 +341,12 @@ def _idb(path: str, off: int, body: memoryview, order: str, index: int) -> _Ifac
 
 def _packet(path: str, off: int, btype: int, body: memoryview, order: str,
             ifaces: list[_Iface]) -> Record | None:
+    """The Record of a packet block; `body` is a view of the chunk, so the packet is copied out."""
     if btype == BT_SPB:
         if len(body) < 4 or not ifaces:
             raise UserError(f"{path}: malformed simple packet block at offset {off}")
         orig = struct.unpack_from(order + "I", body)[0]
-        data = body[4:4 + min(orig, len(body) - 4)]
+        data = bytes(body[4:4 + min(orig, len(body) - 4)])
         return _record(path, off, ifaces[0], 0, data, orig, None)
     if btype == BT_EPB:
         if len(body) < 20:
@@ -271,7 +363,7 @@ def _packet(path: str, off: int, btype: int, body: memoryview, order: str,
                         f"but only {len(ifaces)} are defined")
     if start + caplen > len(body):
         raise UserError(f"{path}: malformed packet block at offset {off}: captured length {caplen}")
-    data = body[start:start + caplen]
+    data = bytes(body[start:start + caplen])  # the packet's own bytes: body is a view of a chunk
     comment = None
     for code, value in _options(body, start + caplen + (-caplen % 4), order):
         if code == OPT_COMMENT:
