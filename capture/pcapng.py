@@ -3,7 +3,9 @@
 Blocks are assembled in memory and written with os.write in whole blocks only, so a crash (or a
 full disk, where we cut back to the last complete write) leaves a file that ends on a block
 boundary and that tshark reads to the end. Per-packet options (direction flag and comment) repeat
-for every packet of a flow, so their encoded bytes are cached per (point, hook, devices, mark).
+for every packet of a flow, so their encoded bytes are cached per (point, hook, devices, mark); a
+caller's per-packet comment (decrypt's "ESP SPI ... seq N") is joined to the cached rest, so a
+packet costs a few appends to the buffer and no string work here.
 Files are created mode 0600: captures hold cleartext.
 """
 
@@ -49,8 +51,15 @@ _OPT = struct.Struct("<HH")
 _U32 = struct.Struct("<I")
 _END = _OPT.pack(OPT_ENDOFOPT, 0)
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
+# The packet data's padding followed by the comment option's header, one pack per packet;
+# indexed by the data length mod 4.
+_PAD_COMMENT = tuple(struct.Struct(f"<{len(p)}xHH") for p in _PAD)
 
 FLUSH_AT = 1 << 20  # bytes pending before write() flushes by itself
+
+# Per (point, hook, devices, mark): (options without a caller's comment, length of the "; where"
+# text joined to a caller's comment, the bytes after that comment by its length mod 4).
+_PointOptions = tuple[bytes, int, tuple[bytes, ...]]
 
 
 def option(code: int, value: bytes) -> bytes:
@@ -92,7 +101,7 @@ class PcapngWriter:
         self._nflog = linktype == "nflog"
         self._ifname = ifname or _ifname_lookup()
         self._ifaces: dict[str, int] = {}
-        self._opts: dict[tuple, bytes] = {}
+        self._opts: dict[tuple, _PointOptions] = {}
         self._buf = bytearray()
         self.committed = 0  # bytes on disk, always at a block boundary
         self.packets = 0
@@ -131,59 +140,81 @@ class PcapngWriter:
         self._buf += _block(BT_IDB, _IDB_BODY.pack(LINKTYPES[self.linktype], 0, self.snaplen) + opts + _END)
         return iid
 
-    def _options(self, rec: Record) -> bytes:
+    def _options(self, rec: Record) -> _PointOptions:
+        """The cached option bytes for the record's (point, hook, devices, mark)."""
         key = (rec.point, rec.hook, rec.indev, rec.outdev, rec.mark)
         opts = self._opts.get(key)
         if opts is None:
-            opts = self._build_options(rec, None)
+            opts = self._point_options(rec)
             if len(self._opts) < 65536:
                 self._opts[key] = opts
         return opts
 
-    def _build_options(self, rec: Record, comment: str | None) -> bytes:
+    def _point_options(self, rec: Record) -> _PointOptions:
         """Comment: the caller's text first, then where the packet was seen (point, devices, mark)
-        when the source said so (NFLOG metadata); a bare IP record gets no automatic comment."""
-        text = [comment] if comment else []
+        when the source said so (NFLOG metadata); a bare IP record gets no automatic comment.
+
+        Encoded once per key as (options without a caller's comment, length of the "; where"
+        part, and per caller's comment length mod 4 the bytes that follow that comment: "; where",
+        padding, direction flag, end of options)."""
+        where = b""
         if rec.hook is not None or rec.indev or rec.outdev or rec.mark is not None:
-            where = [rec.point or "?"]
+            words = [rec.point or "?"]
             if rec.indev:
-                where.append(f"in={self._ifname(rec.indev)}")
+                words.append(f"in={self._ifname(rec.indev)}")
             if rec.outdev:
-                where.append(f"out={self._ifname(rec.outdev)}")
+                words.append(f"out={self._ifname(rec.outdev)}")
             if rec.mark is not None:
-                where.append(f"mark=0x{rec.mark:x}")
-            text.append(" ".join(where))
-        opts = option(OPT_COMMENT, "; ".join(text).encode()) if text else b""
+                words.append(f"mark=0x{rec.mark:x}")
+            where = " ".join(words).encode()
+        flags = b""
         if rec.hook in INBOUND_HOOKS:
-            opts += option(EPB_FLAGS, _U32.pack(EPB_INBOUND))
+            flags = option(EPB_FLAGS, _U32.pack(EPB_INBOUND))
         elif rec.hook in OUTBOUND_HOOKS:
-            opts += option(EPB_FLAGS, _U32.pack(EPB_OUTBOUND))
-        return opts + _END
+            flags = option(EPB_FLAGS, _U32.pack(EPB_OUTBOUND))
+        alone = (option(OPT_COMMENT, where) if where else b"") + flags + _END
+        joined = b"; " + where if where else b""
+        after = tuple(joined + _PAD[(k + len(joined)) & 3] + flags + _END for k in range(4))
+        return alone, len(joined), after
 
     def write(self, record: Record, comment: str | None = None) -> None:
         """Append one packet on its point's interface (created on first use)."""
-        iid = self._ifaces.get(record.point)
-        if iid is None:
-            iid = self.interface(record.point or "unknown")
         if self._nflog:
             data = record.nflog if record.nflog is not None else build_body(record)
             orig = len(data) + record.wire_length - len(record.payload)
         else:
             data = record.payload
             orig = record.wire_length
+        self.write_packet(record, data, orig, comment.encode() if comment else b"")
+
+    def write_packet(self, record: Record, data: bytes | memoryview, orig: int, comment: bytes = b"") -> None:
+        """Append `data` (as the file's link type has it) as one packet of `record`'s point, time
+        and metadata, with `comment` already encoded (b"": none). `write` builds on this; decrypt
+        calls it directly to put the decrypted packet in place of the record's own."""
+        iid = self._ifaces.get(record.point)
+        if iid is None:
+            iid = self.interface(record.point or "unknown")
         caplen = len(data)
         if caplen > self.snaplen:
             data = data[: self.snaplen]
             caplen = self.snaplen
-        opts = self._options(record) if comment is None else self._build_options(record, comment)
-        pad = _PAD[caplen & 3]
-        total = 32 + caplen + len(pad) + len(opts)
+        alone, joined_len, after = self._options(record)
         ts = record.time_ns
         buf = self._buf
-        buf += _EPB_HEAD.pack(BT_EPB, total, iid, ts >> 32, ts & 0xFFFFFFFF, caplen, orig)
-        buf += data
-        buf += pad
-        buf += opts
+        if comment:
+            tail = after[len(comment) & 3]
+            total = 36 + ((caplen + 3) & ~3) + len(comment) + len(tail)
+            buf += _EPB_HEAD.pack(BT_EPB, total, iid, ts >> 32, ts & 0xFFFFFFFF, caplen, orig)
+            buf += data
+            buf += _PAD_COMMENT[caplen & 3].pack(OPT_COMMENT, len(comment) + joined_len)
+            buf += comment
+            buf += tail
+        else:
+            total = 32 + ((caplen + 3) & ~3) + len(alone)
+            buf += _EPB_HEAD.pack(BT_EPB, total, iid, ts >> 32, ts & 0xFFFFFFFF, caplen, orig)
+            buf += data
+            buf += _PAD[caplen & 3]
+            buf += alone
         buf += _U32.pack(total)
         self.packets += 1
         if len(buf) >= FLUSH_AT:
