@@ -2,7 +2,10 @@
 the reason), every other packet passes untouched, and the results are counted per SA.
 
 Kept apart from the CLI so the correlation code and tests can run the same pipeline on Records
-from any source (a pcap, a live capture) without files.
+from any source (a pcap, a live capture) without files. `decrypt_to_writer` is the same pipeline
+fused with the pcapng writer for `ipsec-capture decrypt`: it writes exactly what writing each
+`decrypt_records` pair with its `comment_for` would, without an output Record or a comment string
+per packet (the comment's text is fixed per SA and result, except for the sequence number).
 """
 
 from __future__ import annotations
@@ -10,13 +13,17 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ipsec_capture.xfrm.esp import NO_SA, NOT_ESP, OK, STATUSES, DecryptResult, EspDecoder, esp_header
 
 from ipsec_capture.models import Record
 
+if TYPE_CHECKING:
+    from ipsec_capture.capture.pcapng import PcapngWriter
+
 _AF_INET, _AF_INET6 = 2, 10
+_MAX_COMMENT_KINDS = 4096  # distinct (SA, result, detail) comments remembered by decrypt_to_writer
 
 
 @dataclass(slots=True)
@@ -47,12 +54,18 @@ class DecryptSummary:
         if result.status == NOT_ESP:
             self.not_esp += 1
             return
+        counts = self.counts_for(result, packet)
+        counts[result.status] = counts.get(result.status, 0) + 1
+
+    def counts_for(self, result: DecryptResult, packet: bytes | memoryview) -> dict[str, int]:
+        """The counts of the SA (or unknown SPI) of an ESP result, its tally created on first use
+        (named from `packet` when there is no SA)."""
         sa = result.sa
         key = (sa.dst, sa.spi) if sa is not None else ("", result.spi or 0)
         tally = self.per_sa.get(key)
         if tally is None:
             tally = self.per_sa[key] = _tally(result, packet)
-        tally.counts[result.status] = tally.counts.get(result.status, 0) + 1
+        return tally.counts
 
     def totals(self) -> dict[str, int]:
         out = dict.fromkeys(STATUSES, 0)
@@ -94,17 +107,25 @@ def _tally(result: DecryptResult, packet: bytes | memoryview) -> SaTally:
     return SaTally(result.spi or 0, src, dst, "unknown SA" if result.status == NO_SA else "")
 
 
+def comment_parts(result: DecryptResult) -> tuple[str, str]:
+    """The comment of an ESP result around its sequence number: `before + str(seq) + after`.
+    Everything but the number repeats for every packet of an SA with the same result."""
+    before = f"ESP SPI 0x{(result.spi or 0):08x} seq "
+    after = f": {result.status}"
+    if result.status == OK and result.inner is not None:
+        after += " (decrypted, inner packet)" if result.sa and result.sa.mode == "tunnel" \
+            else " (decrypted, transport payload under the outer header)"
+    if result.detail:
+        after += f" - {result.detail}"
+    return before, after
+
+
 def comment_for(result: DecryptResult) -> str | None:
     """The packet comment in OUT: SPI, sequence number and result (None for non-ESP)."""
     if result.status == NOT_ESP:
         return None
-    text = f"ESP SPI 0x{(result.spi or 0):08x} seq {result.seq}: {result.status}"
-    if result.status == OK and result.inner is not None:
-        text += " (decrypted, inner packet)" if result.sa and result.sa.mode == "tunnel" \
-            else " (decrypted, transport payload under the outer header)"
-    if result.detail:
-        text += f" - {result.detail}"
-    return text
+    before, after = comment_parts(result)
+    return f"{before}{result.seq}{after}"
 
 
 def output_record(record: Record, result: DecryptResult) -> Record:
@@ -132,3 +153,65 @@ def decrypt_records(records: Iterable[Record], decoder: EspDecoder, summary: Dec
         yield output_record(record, result), result
         if progress is not None and n % every == 0:
             progress(summary)
+
+
+@dataclass(slots=True)
+class _CommentKind:
+    """One (SA, status, detail) seen by decrypt_to_writer: its comment around the sequence number,
+    encoded, and the SA's counts to bump (the tally exists: the first packet went through add)."""
+
+    before: bytes
+    after: bytes
+    counts: dict[str, int]
+    sa: object  # held so that id(sa) in the key cannot be reused by another SA
+
+
+def decrypt_to_writer(records: Iterable[Record], decoder: EspDecoder, summary: DecryptSummary,
+                      writer: PcapngWriter, new_point: Callable[[str], object] | None = None,
+                      progress: Callable[[DecryptSummary], None] | None = None, every: int = 50_000) -> None:
+    """Decrypt `records` into `writer` (a raw-IP PcapngWriter): byte for byte what
+    `writer.write(out, comment_for(result))` gives for each pair of `decrypt_records`, with the
+    same counts in `summary` and the same `progress` calls. `new_point(point)` is called before
+    a record whose point differs from the previous record's (the caller names interfaces)."""
+    decrypt = decoder.decrypt
+    write = writer.write_packet
+    kinds: dict[tuple, _CommentKind] = {}
+    last_point: str | None = None
+    for n, record in enumerate(records, 1):
+        if new_point is not None and record.point != last_point:
+            last_point = record.point
+            new_point(last_point)
+        payload = record.payload
+        result = decrypt(payload)
+        status = result.status
+        if status == NOT_ESP:
+            summary.packets += 1
+            summary.not_esp += 1
+            write(record, payload, record.length or len(payload))
+        else:
+            inner = result.inner
+            key = (status, result.spi, result.detail, id(result.sa), inner is None)
+            kind = kinds.get(key)
+            if kind is None:
+                summary.add(result, payload)
+                kind = _comment_kind(result, summary.counts_for(result, payload))
+                if len(kinds) < _MAX_COMMENT_KINDS:  # details naming lengths differ per packet
+                    kinds[key] = kind
+            else:
+                summary.packets += 1
+                kind.counts[status] += 1
+            seq = result.seq
+            comment = b"%b%d%b" % (kind.before, seq, kind.after) if seq is not None \
+                else kind.before + b"None" + kind.after
+            if inner is None:
+                write(record, payload, record.length or len(payload), comment)
+            else:
+                write(record, inner, len(inner), comment)
+        if progress is not None and n % every == 0:
+            progress(summary)
+
+
+def _comment_kind(result: DecryptResult, counts: dict[str, int]) -> _CommentKind:
+    """The encoded comment parts of a result, with the counts it goes to."""
+    before, after = comment_parts(result)
+    return _CommentKind(before.encode(), after.encode(), counts, result.sa)

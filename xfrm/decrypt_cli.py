@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from ipsec_capture.xfrm.decrypt import DecryptSummary, comment_for, decrypt_records
+from ipsec_capture.xfrm.decrypt import DecryptSummary, decrypt_to_writer
 from ipsec_capture.xfrm.esp import EspDecoder
 
 from ipsec_capture.bundle import Bundle
@@ -80,12 +80,15 @@ def run(args: argparse.Namespace) -> int:
     interfaces: dict[str, int] = {}
     try:
         with PcapngWriter(args.write, linktype="raw") as writer:
-            for record, result in decrypt_records(read_records(args.input), decoder, summary,
-                                                  None if args.quiet else progress, PROGRESS_EVERY):
-                point = record.point or "decrypt"
+
+            def new_point(point: str) -> None:
+                """Each capture point's interface, described, before its first packet."""
+                point = point or "decrypt"
                 if point not in interfaces:
                     interfaces[point] = writer.interface(point, f"{point} (ipsec-capture decrypt)")
-                writer.write(record, comment=comment_for(result))
+
+            decrypt_to_writer(read_records(args.input), decoder, summary, writer, new_point,
+                              None if args.quiet else progress, PROGRESS_EVERY)
     except OSError as err:
         raise UserError(f"cannot write {args.write}: {err.strerror or err}") from None
     if args.json:
