@@ -44,6 +44,9 @@ _LINE = re.compile(
 )
 
 
+_ADDRESS = re.compile(r"(?:0x)?[0-9a-f]{8,16}")
+
+
 def reason_names(format_text: str) -> dict[int, str]:
     """skb_drop_reason number -> name, from this kernel's tracepoint format (the enum changes
     between kernels: XFRM_POLICY is 18 on 6.18, another number on 6.1)."""
@@ -157,7 +160,7 @@ def parse_line(line: bytes, ksyms: Kallsyms | None = None) -> Drop | None:
         return None
     cpu, sec, frac, skb, proto, loc, reason = m.groups()
     location = loc.decode().split("/", 1)[0]  # %pS prints `func+0xoff/0xsize`: drop the size
-    if location.startswith("0x") and ksyms is not None:
+    if ksyms is not None and _ADDRESS.fullmatch(location):  # %p unhashed (6.1): bare hex, no 0x
         location = ksyms.symbolize(int(location, 16))
     skbaddr = skb.decode()
     if not skbaddr.startswith("0x"):
