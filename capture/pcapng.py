@@ -2,7 +2,9 @@
 
 Blocks are assembled in memory and written with os.write in whole blocks only, so a crash (or a
 full disk, where we cut back to the last complete write) leaves a file that ends on a block
-boundary and that tshark reads to the end. Per-packet options (direction flag and comment) repeat
+boundary and that tshark reads to the end. Pending blocks are a list of their pieces (headers,
+the packet's bytes, options) joined once per flush: cheaper than growing a buffer piece by piece,
+and the packet bytes are copied once. Per-packet options (direction flag and comment) repeat
 for every packet of a flow, so their encoded bytes are cached per (point, hook, devices, mark); a
 caller's per-packet comment (decrypt's "ESP SPI ... seq N") is joined to the cached rest, so a
 packet costs a few appends to the buffer and no string work here.
@@ -57,9 +59,9 @@ _PAD_COMMENT = tuple(struct.Struct(f"<{len(p)}xHH") for p in _PAD)
 
 FLUSH_AT = 1 << 20  # bytes pending before write() flushes by itself
 
-# Per (point, hook, devices, mark): (options without a caller's comment, length of the "; where"
-# text joined to a caller's comment, the bytes after that comment by its length mod 4).
-_PointOptions = tuple[bytes, int, tuple[bytes, ...]]
+# Per (point, hook, devices, mark): (interface id, options without a caller's comment, length of
+# the "; where" text joined to a caller's comment, the bytes after that comment by its length mod 4).
+_PointOptions = tuple[int, bytes, int, tuple[bytes, ...]]
 
 
 def option(code: int, value: bytes) -> bytes:
@@ -102,7 +104,8 @@ class PcapngWriter:
         self._ifname = ifname or _ifname_lookup()
         self._ifaces: dict[str, int] = {}
         self._opts: dict[tuple, _PointOptions] = {}
-        self._buf = bytearray()
+        self._parts: list[bytes] = []  # whole blocks not yet written, in pieces
+        self._pending = 0  # bytes in _parts
         self.committed = 0  # bytes on disk, always at a block boundary
         self.packets = 0
         self.packets_committed = 0  # packets in `committed` (what a crash or full disk keeps)
@@ -119,12 +122,16 @@ class PcapngWriter:
         opts += option(OPT_COMMENT, f"hostname: {socket.gethostname()}".encode())
         if comment:
             opts += option(OPT_COMMENT, comment.encode())
-        self._buf += _block(BT_SHB, _SHB_BODY.pack(BYTE_ORDER_MAGIC, 1, 0, -1) + opts + _END)
+        self._add_block(_block(BT_SHB, _SHB_BODY.pack(BYTE_ORDER_MAGIC, 1, 0, -1) + opts + _END))
 
     @property
     def size(self) -> int:
         """Bytes written so far, including what is still buffered."""
-        return self.committed + len(self._buf)
+        return self.committed + self._pending
+
+    def _add_block(self, block: bytes) -> None:
+        self._parts.append(block)
+        self._pending += len(block)
 
     def interface(self, name: str, description: str = "") -> int:
         """Interface id for capture point `name`, adding its IDB the first time."""
@@ -137,26 +144,21 @@ class PcapngWriter:
         if description:
             opts += option(IF_DESCRIPTION, description.encode())
         opts += option(IF_TSRESOL, b"\x09")  # timestamps in nanoseconds
-        self._buf += _block(BT_IDB, _IDB_BODY.pack(LINKTYPES[self.linktype], 0, self.snaplen) + opts + _END)
+        body = _IDB_BODY.pack(LINKTYPES[self.linktype], 0, self.snaplen) + opts + _END
+        self._add_block(_block(BT_IDB, body))
         return iid
-
-    def _options(self, rec: Record) -> _PointOptions:
-        """The cached option bytes for the record's (point, hook, devices, mark)."""
-        key = (rec.point, rec.hook, rec.indev, rec.outdev, rec.mark)
-        opts = self._opts.get(key)
-        if opts is None:
-            opts = self._point_options(rec)
-            if len(self._opts) < 65536:
-                self._opts[key] = opts
-        return opts
 
     def _point_options(self, rec: Record) -> _PointOptions:
         """Comment: the caller's text first, then where the packet was seen (point, devices, mark)
         when the source said so (NFLOG metadata); a bare IP record gets no automatic comment.
 
-        Encoded once per key as (options without a caller's comment, length of the "; where"
-        part, and per caller's comment length mod 4 the bytes that follow that comment: "; where",
-        padding, direction flag, end of options)."""
+        Encoded once per key, with the point's interface id (its IDB added before its first
+        packet): (id, options without a caller's comment, length of the "; where" part, and per
+        caller's comment length mod 4 the bytes that follow that comment: "; where", padding,
+        direction flag, end of options)."""
+        iid = self._ifaces.get(rec.point)
+        if iid is None:
+            iid = self.interface(rec.point or "unknown")
         where = b""
         if rec.hook is not None or rec.indev or rec.outdev or rec.mark is not None:
             words = [rec.point or "?"]
@@ -175,7 +177,7 @@ class PcapngWriter:
         alone = (option(OPT_COMMENT, where) if where else b"") + flags + _END
         joined = b"; " + where if where else b""
         after = tuple(joined + _PAD[(k + len(joined)) & 3] + flags + _END for k in range(4))
-        return alone, len(joined), after
+        return iid, alone, len(joined), after
 
     def write(self, record: Record, comment: str | None = None) -> None:
         """Append one packet on its point's interface (created on first use)."""
@@ -191,56 +193,54 @@ class PcapngWriter:
         """Append `data` (as the file's link type has it) as one packet of `record`'s point, time
         and metadata, with `comment` already encoded (b"": none). `write` builds on this; decrypt
         calls it directly to put the decrypted packet in place of the record's own."""
-        iid = self._ifaces.get(record.point)
-        if iid is None:
-            iid = self.interface(record.point or "unknown")
+        key = (record.point, record.hook, record.indev, record.outdev, record.mark)
+        point_opts = self._opts.get(key)
+        if point_opts is None:
+            point_opts = self._point_options(record)
+            if len(self._opts) < 65536:
+                self._opts[key] = point_opts
+        iid, alone, joined_len, after = point_opts
+        if type(data) is not bytes:
+            data = bytes(data)  # a view's buffer may change or be large: keep only the packet
         caplen = len(data)
         if caplen > self.snaplen:
             data = data[: self.snaplen]
             caplen = self.snaplen
-        alone, joined_len, after = self._options(record)
         ts = record.time_ns
-        buf = self._buf
         if comment:
             tail = after[len(comment) & 3]
             total = 36 + ((caplen + 3) & ~3) + len(comment) + len(tail)
-            buf += _EPB_HEAD.pack(BT_EPB, total, iid, ts >> 32, ts & 0xFFFFFFFF, caplen, orig)
-            buf += data
-            buf += _PAD_COMMENT[caplen & 3].pack(OPT_COMMENT, len(comment) + joined_len)
-            buf += comment
-            buf += tail
+            self._parts += (_EPB_HEAD.pack(BT_EPB, total, iid, ts >> 32, ts & 0xFFFFFFFF, caplen, orig), data,
+                            _PAD_COMMENT[caplen & 3].pack(OPT_COMMENT, len(comment) + joined_len), comment,
+                            tail, _U32.pack(total))
         else:
             total = 32 + ((caplen + 3) & ~3) + len(alone)
-            buf += _EPB_HEAD.pack(BT_EPB, total, iid, ts >> 32, ts & 0xFFFFFFFF, caplen, orig)
-            buf += data
-            buf += _PAD[caplen & 3]
-            buf += alone
-        buf += _U32.pack(total)
+            self._parts += (_EPB_HEAD.pack(BT_EPB, total, iid, ts >> 32, ts & 0xFFFFFFFF, caplen, orig), data,
+                            _PAD[caplen & 3], alone, _U32.pack(total))
         self.packets += 1
-        if len(buf) >= FLUSH_AT:
+        self._pending += total
+        if self._pending >= FLUSH_AT:
             self.flush()
 
     def flush(self) -> None:
         """Write every whole block buffered so far. On an error (ENOSPC) the file is cut back to
         the last complete flush, so it still ends on a block boundary, and the OSError propagates."""
-        if not self._buf:
+        if not self._parts:
             return
-        view = memoryview(self._buf)
+        view = memoryview(b"".join(self._parts))
+        self._parts.clear()
+        self._pending = 0
         done = 0
         try:
             while done < len(view):
                 done += os.write(self._fd, view[done:])
         except OSError:
-            view.release()
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, self.committed)
-            self._buf.clear()
             self._failed = True
             raise
-        view.release()
         self.committed += done
         self.packets_committed = self.packets
-        self._buf.clear()
 
     def close(self) -> None:
         if self._fd < 0:
