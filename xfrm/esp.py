@@ -42,6 +42,7 @@ _ESP = struct.Struct("!II")
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _PAD = bytes(range(1, 256))  # RFC 4303 section 2.4: default padding is 1, 2, 3, ...
+_PADS = tuple(_PAD[:n] for n in range(256))  # the padding expected for each pad length
 _MASK32 = 0xFFFFFFFF
 _DEFAULT_WINDOW = 64  # when the SA's replay state names none (esp_sa files carry no state)
 
@@ -139,7 +140,22 @@ class EspDecoder:
         if spi == 0:
             return DecryptResult(NOT_ESP, detail="SPI 0 is reserved")
         ctx = self._by_dst.get((bytes(pkt[dst_start:dst_end]), spi))
-        candidates = [ctx] if ctx is not None else self._by_spi.get(spi)
+        if ctx is None:
+            return self._decrypt_by_spi(pkt, spi, seq_lo, pos, header_len, proto_at, length)
+        # the usual case: one SA for (destination, SPI), the packet captured whole
+        if length != len(pkt):
+            if length > len(pkt):
+                return DecryptResult(TRUNCATED, spi, seq_lo, sa=ctx.sa,
+                                     detail=f"captured {len(pkt)} of {length} bytes")
+            if length >= pos:
+                pkt = pkt[:length]  # drop link-layer padding after the IP packet
+        return self._open(ctx, pkt, spi, seq_lo, pos, header_len, proto_at)
+
+    def _decrypt_by_spi(self, pkt: memoryview, spi: int, seq_lo: int, pos: int, header_len: int,
+                        proto_at: int, length: int) -> DecryptResult:
+        """No SA for (destination, SPI): NAT may have rewritten the address, so every SA with the
+        SPI is tried until one verifies."""
+        candidates = self._by_spi.get(spi)
         if not candidates:
             return DecryptResult(NO_SA, spi, seq_lo, detail=f"no SA for SPI 0x{spi:08x}")
         if length > len(pkt):
@@ -161,18 +177,19 @@ class EspDecoder:
         if t is None:
             return DecryptResult(UNSUPPORTED, spi, seq_lo, sa=ctx.sa, detail=ctx.problem)
         esp = pkt[pos:]
-        body = len(esp) - 8 - t.iv_len - t.icv_len
+        body = len(esp) - t.overhead
         if body < 2:
             return DecryptResult(TRUNCATED, spi, seq_lo, sa=ctx.sa,
                                  detail=f"ESP of {len(esp)} bytes cannot hold header, IV, trailer and ICV")
         if body % t.block:
             return DecryptResult(BAD_PADDING, spi, seq_lo, sa=ctx.sa,
                                  detail=f"ciphertext of {body} bytes is not a multiple of {t.block}")
-        if ctx.esn:
+        esn = ctx.esn
+        if esn:
             plain, seq = self._open_esn(ctx, t, esp, seq_lo)
         else:
             plain, seq = t.open(esp, None), seq_lo
-            if ctx.esn is None and t.authenticated:
+            if esn is None and t.authenticated:
                 # the key file did not say (8-column esp_sa): the ICV tells which one the SA uses
                 if plain is None:
                     plain, seq = self._open_esn(ctx, t, esp, seq_lo)
@@ -188,14 +205,16 @@ class EspDecoder:
             return DecryptResult(BAD_PADDING, spi, seq, next_header=next_header, sa=ctx.sa,
                                  detail=f"pad length {pad_len} exceeds the {len(plain)}-byte payload")
         status, detail = OK, ""
-        if plain[end:-2] != _PAD[:pad_len]:
+        if not plain.startswith(_PADS[pad_len], end):
             status, detail = BAD_PADDING, "padding bytes are not 1, 2, 3, ... (wrong key without integrity?)"
         payload = plain[:end]
         if next_header == IPPROTO_NONE:
             return DecryptResult(status, spi, seq, None, next_header, ctx.sa, detail or "dummy packet (TFC)")
         # Tunnel: the payload is the inner packet. Transport: put the outer header back around it.
         # Mode unknown (esp_sa): an inner IP packet means tunnel, as Wireshark decides too.
-        tunnel = ctx.tunnel if ctx.tunnel is not None else next_header in (IPPROTO_IPIP, IPPROTO_IPV6)
+        tunnel = ctx.tunnel
+        if tunnel is None:
+            tunnel = next_header in (IPPROTO_IPIP, IPPROTO_IPV6)
         inner = payload if tunnel else _rebuild_transport(pkt, header_len, proto_at, next_header, payload)
         return DecryptResult(status, spi, seq, inner, next_header, ctx.sa, detail)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
@@ -46,12 +46,18 @@ class Transform:
     block: int
     authenticated: bool
     open: Callable[[memoryview, bytes | None], bytes | None]
+    overhead: int = field(init=False)  # ESP header + IV + ICV: what the ciphertext is not
+
+    def __post_init__(self) -> None:
+        self.overhead = 8 + self.iv_len + self.icv_len
 
 
-def _aad(esp: memoryview, seq_hi: bytes | None) -> bytes:
-    """AEAD associated data: SPI + seq, or SPI + seq-hi + seq-lo for ESN (RFC 4106 section 5)."""
+def _aad(esp: memoryview, seq_hi: bytes | None) -> bytes | memoryview:
+    """AEAD associated data: SPI + seq, or SPI + seq-hi + seq-lo for ESN (RFC 4106 section 5).
+    Without ESN it is the header as it is, a view: no copy (the AEADs take any buffer); the hot
+    paths inline that case."""
     if seq_hi is None:
-        return bytes(esp[:8])
+        return esp[:8]
     return bytes(esp[:4]) + seq_hi + bytes(esp[4:8])
 
 
@@ -82,7 +88,8 @@ def _gcm(alg: Algorithm) -> Transform:
 
         def open_full(esp: memoryview, seq_hi: bytes | None) -> bytes | None:
             try:
-                return aead.decrypt(salt + bytes(esp[8:16]), esp[16:], _aad(esp, seq_hi))
+                aad = esp[:8] if seq_hi is None else _aad(esp, seq_hi)
+                return aead.decrypt(salt + esp[8:16], esp[16:], aad)
             except InvalidTag:
                 return None
 
@@ -113,7 +120,9 @@ def _gmac(alg: Algorithm) -> Transform:
     def open_gmac(esp: memoryview, seq_hi: bytes | None) -> bytes | None:
         payload = bytes(esp[16:-16])
         try:
-            aead.decrypt(salt + bytes(esp[8:16]), esp[-16:], _aad(esp, seq_hi) + bytes(esp[8:16]) + payload)
+            # AAD = header (+ ESN high bits), IV, payload: without ESN, the ESP packet up to the ICV
+            aad = esp[:-16] if seq_hi is None else _aad(esp, seq_hi) + esp[8:-16]
+            aead.decrypt(salt + esp[8:16], esp[-16:], aad)
         except InvalidTag:
             return None
         return payload
@@ -129,7 +138,8 @@ def _ccm(alg: Algorithm) -> Transform:
 
     def open_ccm(esp: memoryview, seq_hi: bytes | None) -> bytes | None:
         try:
-            return aead.decrypt(salt + bytes(esp[8:16]), esp[16:], _aad(esp, seq_hi))
+            aad = esp[:8] if seq_hi is None else _aad(esp, seq_hi)
+            return aead.decrypt(salt + esp[8:16], esp[16:], aad)
         except InvalidTag:
             return None
 
@@ -144,7 +154,8 @@ def _chacha(alg: Algorithm) -> Transform:
 
     def open_chacha(esp: memoryview, seq_hi: bytes | None) -> bytes | None:
         try:
-            return aead.decrypt(salt + bytes(esp[8:16]), esp[16:], _aad(esp, seq_hi))
+            aad = esp[:8] if seq_hi is None else _aad(esp, seq_hi)
+            return aead.decrypt(salt + esp[8:16], esp[16:], aad)
         except InvalidTag:
             return None
 
@@ -237,6 +248,9 @@ def _enc_auth(enc: Algorithm, auth: Algorithm | None) -> Transform:
 
         return Transform(name, iv_len, 0, block, False, open_plain)
 
+    full = mac.algorithm.digest_size
+    compare = hmac.compare_digest
+
     def open_auth(esp: memoryview, seq_hi: bytes | None) -> bytes | None:
         # RFC 4303 section 3.3.2: the ICV covers header, IV and ciphertext; with ESN the high
         # sequence bits are appended to that (they are not sent).
@@ -244,7 +258,8 @@ def _enc_auth(enc: Algorithm, auth: Algorithm | None) -> Transform:
         h.update(esp[:-icv])
         if seq_hi is not None:
             h.update(seq_hi)
-        if not hmac.compare_digest(h.finalize()[:icv], esp[-icv:]):
+        digest = h.finalize()
+        if not compare(digest[:icv] if icv < full else digest, esp[-icv:]):
             return None
         return decipher(esp[8:-icv])
 

@@ -32,6 +32,7 @@ _U16 = struct.Struct("!H")
 _ESP = struct.Struct("!II")  # SPI, sequence number (RFC 4303 section 2)
 _UDP_PORTS = struct.Struct("!HH")
 _IP4_FRAG = struct.Struct("!H")  # flags (3 bits) + fragment offset
+_IP4_FIXED = struct.Struct("!BxHxxHxB")  # version/IHL, total length, flags/fragment offset, protocol
 _IP6_FRAG = struct.Struct("!H")  # fragment offset (13 bits) + 2 reserved + M flag
 
 # IPv6 headers walked to reach ESP (AH is walked too: ESP may follow it).
@@ -74,7 +75,11 @@ def locate(packet: bytes | memoryview, natt_ports: frozenset[int] | None = None
     n = len(packet)
     if n < 20:
         return None
-    version = packet[0] >> 4
+    first, length, frag, proto = _IP4_FIXED.unpack_from(packet)
+    if first == 0x45 and proto == IPPROTO_ESP and not frag & _IP4_MF_OR_OFFSET:
+        # nearly every packet of a capture: IPv4 without options carrying ESP, one unpack
+        return (socket.AF_INET, 16, 20, 20, 20, 9, length) if n >= 28 else None
+    version = first >> 4
     if version == 4:
         ihl = (packet[0] & 0x0F) * 4
         if ihl < 20 or n < ihl:
