@@ -157,13 +157,13 @@ def decrypt_records(records: Iterable[Record], decoder: EspDecoder, summary: Dec
 
 @dataclass(slots=True)
 class _CommentKind:
-    """One (SA, status, detail) seen by decrypt_to_writer: its comment around the sequence number,
+    """One (SPI, status, detail) seen by decrypt_to_writer: its comment around the sequence number,
     encoded, and the SA's counts to bump (the tally exists: the first packet went through add)."""
 
     before: bytes
     after: bytes
     counts: dict[str, int]
-    sa: object  # held so that id(sa) in the key cannot be reused by another SA
+    sa: object  # the SA these counts belong to (two SAs may share an SPI)
 
 
 def decrypt_to_writer(records: Iterable[Record], decoder: EspDecoder, summary: DecryptSummary,
@@ -190,13 +190,13 @@ def decrypt_to_writer(records: Iterable[Record], decoder: EspDecoder, summary: D
             write(record, payload, record.length or len(payload))
         else:
             inner = result.inner
-            key = (status, result.spi, result.detail, id(result.sa), inner is None)
+            key = (status, result.spi, result.detail, inner is None)
             kind = kinds.get(key)
-            if kind is None:
+            if kind is None or kind.sa is not result.sa:  # new, or another SA with the same SPI
                 summary.add(result, payload)
                 kind = _comment_kind(result, summary.counts_for(result, payload))
-                if len(kinds) < _MAX_COMMENT_KINDS:  # details naming lengths differ per packet
-                    kinds[key] = kind
+                if key not in kinds and len(kinds) < _MAX_COMMENT_KINDS:  # details naming lengths
+                    kinds[key] = kind  # differ per packet: remember a bounded number
             else:
                 summary.packets += 1
                 kind.counts[status] += 1
