@@ -212,14 +212,15 @@ class EspDecoder:
         if plain is None:
             return DecryptResult(ICV_FAIL, spi, seq, sa=ctx.sa, detail="ICV mismatch: wrong key or tampered")
         pad_len, next_header = plain[-2], plain[-1]
+        skip = t.skip  # plaintext starts at plain[skip] (CBC leaves the IV block in front)
         end = len(plain) - 2 - pad_len
-        if end < 0:
+        if end < skip:
             return DecryptResult(BAD_PADDING, spi, seq, next_header=next_header, sa=ctx.sa,
-                                 detail=f"pad length {pad_len} exceeds the {len(plain)}-byte payload")
+                                 detail=f"pad length {pad_len} exceeds the {len(plain) - skip}-byte payload")
         status, detail = OK, ""
         if not plain.startswith(_PADS[pad_len], end):
             status, detail = BAD_PADDING, "padding bytes are not 1, 2, 3, ... (wrong key without integrity?)"
-        payload = plain[:end]
+        payload = plain[skip:end]
         if next_header == IPPROTO_NONE:
             return DecryptResult(status, spi, seq, None, next_header, ctx.sa, detail or "dummy packet (TFC)")
         # Tunnel: the payload is the inner packet. Transport: put the outer header back around it.

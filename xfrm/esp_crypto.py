@@ -37,7 +37,9 @@ class Transform:
     `open(esp, seq_hi)`: `esp` is the whole ESP packet (header, IV, ciphertext, ICV); `seq_hi`
     the 4 high sequence bytes for ESN SAs, else None. Returns the plaintext (payload, padding,
     pad length, next header) or None on an ICV mismatch. `block` is the alignment the ciphertext
-    must have; `authenticated` says whether a None can happen at all.
+    must have; `authenticated` says whether a None can happen at all. The plaintext starts after
+    `skip` bytes of the returned buffer (CBC returns the decrypted IV block too: cutting it off
+    would copy the whole packet once more, and the decoder slices the payload out anyway).
     """
 
     name: str
@@ -46,6 +48,7 @@ class Transform:
     block: int
     authenticated: bool
     open: Callable[[memoryview, bytes | None], bytes | None]
+    skip: int = 0
     overhead: int = field(init=False)  # ESP header + IV + ICV: what the ciphertext is not
 
     def __post_init__(self) -> None:
@@ -173,20 +176,16 @@ _HMACS = {
 # Default truncations in bytes when the SA gives none (RFC 2403/2404/4868).
 _DEFAULT_TRUNC = {16: 12, 20: 12, 32: 16, 48: 24, 64: 32}
 
-Decipher = Callable[[memoryview], bytes]  # (IV + ciphertext) -> plaintext
+Decipher = Callable[[memoryview], bytes]  # (IV + ciphertext) -> plaintext, after `skip` bytes
 
 
 def _cbc(cipher_alg: algorithms.AES | TripleDES, block: int) -> Decipher:
     """CBC on one decryptor kept for the SA's life. Its chaining state after a packet is that
-    packet's last block, but we feed IV + ciphertext and drop the first output block: block i
-    is D(C[i]) xor C[i-1] with C[0] = IV, whatever came before. Nothing is built per packet
-    (a fresh CBC context costs about as much as decrypting 1400 bytes)."""
-    dec = Cipher(cipher_alg, modes.CBC(b"\0" * block)).decryptor()
-
-    def decipher(iv_and_ct: memoryview) -> bytes:
-        return dec.update(iv_and_ct)[block:]
-
-    return decipher
+    packet's last block, but we feed IV + ciphertext and ignore the first output block (the
+    transform's `skip`): block i is D(C[i]) xor C[i-1] with C[0] = IV, whatever came before.
+    Nothing is built per packet (a fresh CBC context costs about as much as decrypting 1400
+    bytes), and the decryptor's own update() is the decipher: no Python call around it."""
+    return Cipher(cipher_alg, modes.CBC(b"\0" * block)).decryptor().update
 
 
 def _ctr(key: bytes, nonce: bytes) -> Decipher:
@@ -203,22 +202,23 @@ def _plain(iv_and_ct: memoryview) -> bytes:
     return bytes(iv_and_ct)
 
 
-def _cipher(alg: Algorithm) -> tuple[Decipher, int, int]:
-    """(decipher, IV length, block alignment) for a non-AEAD encryption algorithm."""
+def _cipher(alg: Algorithm) -> tuple[Decipher, int, int, int]:
+    """(decipher, IV length, block alignment, bytes of its output before the plaintext) for a
+    non-AEAD encryption algorithm."""
     name = alg.name
     if name in ("ecb(cipher_null)", "cipher_null", "null"):
-        return _plain, 0, 4
+        return _plain, 0, 4, 0
     if name in ("cbc(aes)", "aes"):
         if len(alg.key) not in (16, 24, 32):
             raise UnsupportedSA(f"{name}: key of {len(alg.key) * 8} bits, expected 128, 192 or 256")
-        return _cbc(algorithms.AES(alg.key), 16), 16, 16
+        return _cbc(algorithms.AES(alg.key), 16), 16, 16, 16
     if name in ("cbc(des3_ede)", "des3_ede"):
         if len(alg.key) != 24:
             raise UnsupportedSA(f"{name}: key of {len(alg.key) * 8} bits, expected 192")
-        return _cbc(TripleDES(alg.key), 8), 8, 8
+        return _cbc(TripleDES(alg.key), 8), 8, 8, 8
     if name == "rfc3686(ctr(aes))":
         key, nonce = _split_salt(alg, 4, (16, 24, 32))
-        return _ctr(key, nonce), 8, 4
+        return _ctr(key, nonce), 8, 4, 0
     raise UnsupportedSA(f"encryption {name} is not supported")
 
 
@@ -238,7 +238,7 @@ def _integrity(alg: Algorithm | None) -> tuple[HMAC | None, int]:
 
 
 def _enc_auth(enc: Algorithm, auth: Algorithm | None) -> Transform:
-    decipher, iv_len, block = _cipher(enc)
+    decipher, iv_len, block, skip = _cipher(enc)
     mac, icv = _integrity(auth)
     name = enc.name + (f"+{auth.name}" if mac else "")
 
@@ -246,7 +246,7 @@ def _enc_auth(enc: Algorithm, auth: Algorithm | None) -> Transform:
         def open_plain(esp: memoryview, seq_hi: bytes | None) -> bytes | None:
             return decipher(esp[8:])
 
-        return Transform(name, iv_len, 0, block, False, open_plain)
+        return Transform(name, iv_len, 0, block, False, open_plain, skip)
 
     full = mac.algorithm.digest_size
     compare = hmac.compare_digest
@@ -263,7 +263,7 @@ def _enc_auth(enc: Algorithm, auth: Algorithm | None) -> Transform:
             return None
         return decipher(esp[8:-icv])
 
-    return Transform(name, iv_len, icv, block, True, open_auth)
+    return Transform(name, iv_len, icv, block, True, open_auth, skip)
 
 
 _AEADS: dict[str, Callable[[Algorithm], Transform]] = {
