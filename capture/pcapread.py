@@ -165,8 +165,12 @@ class _Window:
         return len(self.buf) - self.pos
 
 
-def read_records(path: str, warn: Warn = _stderr_warning) -> Iterator[Record]:
-    """Every IP packet of a pcap or pcapng file, in file order."""
+def read_records(path: str, warn: Warn = _stderr_warning, *, borrow: bool = False) -> Iterator[Record]:
+    """Every IP packet of a pcap or pcapng file, in file order.
+
+    `borrow`: payloads may be views into the reader's chunk (raw-IP pcap) instead of their own
+    bytes. That saves a copy per packet for a caller that is done with each record before taking
+    the next (decrypt); a kept record would pin its chunk (megabytes) in memory."""
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed by the generator's finally
     except OSError as err:
@@ -180,14 +184,16 @@ def read_records(path: str, warn: Warn = _stderr_warning) -> Iterator[Record]:
             yield from _read_pcapng(_Window(fh, head), path, warn)
         elif magic_le in (PCAP_MAGIC_US, PCAP_MAGIC_NS) or struct.unpack(">I", head)[0] in (
                 PCAP_MAGIC_US, PCAP_MAGIC_NS):
-            yield from _read_pcap(_Window(fh, head), path, head, warn)
+            yield from _read_pcap(_Window(fh, head), path, head, warn, borrow)
         else:
             raise UserError(f"{path}: not a pcap or pcapng file (magic 0x{magic_le:08x} at offset 0)")
     finally:
         fh.close()
 
 
-def _read_pcap(win: _Window, path: str, head: bytes, warn: Warn) -> Iterator[Record]:
+def _read_pcap(win: _Window, path: str, head: bytes, warn: Warn, borrow: bool = False) -> Iterator[Record]:
+    """The file header, then the record loop for its link type (returned, not delegated to:
+    each generator level costs every packet a resume)."""
     order = "<" if struct.unpack("<I", head)[0] in (PCAP_MAGIC_US, PCAP_MAGIC_NS) else ">"
     nsec = struct.unpack(order + "I", head)[0] == PCAP_MAGIC_NS
     if not win.fill(24):
@@ -196,9 +202,8 @@ def _read_pcap(win: _Window, path: str, head: bytes, warn: Warn) -> Iterator[Rec
     iface = _Iface(linktype, f"if{0}", 1_000_000_000 if nsec else 1_000_000, 0)
     win.pos = 24
     if linktype in RAW_LINKTYPES:
-        yield from _pcap_raw(win, path, order, 1 if nsec else 1000, iface.name, warn)
-    else:
-        yield from _pcap_frames(win, path, order, 1 if nsec else 1000, iface, warn)
+        return _pcap_raw(win, path, order, 1 if nsec else 1000, iface.name, warn, borrow)
+    return _pcap_frames(win, path, order, 1 if nsec else 1000, iface, warn)
 
 
 def _pcap_cut(win: _Window, path: str, count: int, warn: Warn) -> None:
@@ -209,14 +214,17 @@ def _pcap_cut(win: _Window, path: str, count: int, warn: Warn) -> None:
         warn(f"{path}: last packet header at offset {win.offset} is cut short; read {count} packets")
 
 
-def _pcap_raw(win: _Window, path: str, order: str, mult: int, point: str, warn: Warn) -> Iterator[Record]:
-    """Raw-IP pcap, the common case, kept tight: each packet is one slice and one Record."""
+def _pcap_raw(win: _Window, path: str, order: str, mult: int, point: str, warn: Warn,
+              borrow: bool = False) -> Iterator[Record]:
+    """Raw-IP pcap, the common case, kept tight: each packet is one slice (a copy, or a view of
+    the chunk when borrowing) and one Record."""
     unpack = struct.Struct(order + "IIII").unpack_from
     family = _FAMILY_BY_FIRST
     count = 0
     while True:
         buf, pos = win.buf, win.pos
         end = len(buf)
+        cut = memoryview(buf) if borrow else buf  # what packets are sliced from
         need = 16
         while pos + 16 <= end:
             sec, frac, incl, orig = unpack(buf, pos)
@@ -227,7 +235,7 @@ def _pcap_raw(win: _Window, path: str, order: str, mult: int, point: str, warn: 
             if stop > end:
                 need = 16 + incl
                 break
-            data = buf[pos + 16:stop]
+            data = cut[pos + 16:stop]
             pos = stop
             count += 1
             yield Record(sec * 1_000_000_000 + frac * mult, point, data, family[data[0]] if data else 0, orig)

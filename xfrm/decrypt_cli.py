@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
                 if point not in interfaces:
                     interfaces[point] = writer.interface(point, f"{point} (ipsec-capture decrypt)")
 
-            decrypt_to_writer(read_records(args.input), decoder, summary, writer, new_point,
+            # each record is written (or copied by the writer) before the next is read: borrow
+            decrypt_to_writer(read_records(args.input, borrow=True), decoder, summary, writer, new_point,
                               None if args.quiet else progress, PROGRESS_EVERY)
     except OSError as err:
         raise UserError(f"cannot write {args.write}: {err.strerror or err}") from None

@@ -131,19 +131,23 @@ class EspDecoder:
     def decrypt(self, packet: bytes | memoryview) -> DecryptResult:
         """Decrypt one outer IP packet. Never raises on packet contents."""
         try:
-            return self._decrypt(memoryview(packet))
+            pkt = memoryview(packet)
+            n = len(pkt)
+            if n >= 28:
+                # Nearly every packet: IPv4 without options, ESP, a known (destination, SPI),
+                # captured whole. One unpack reads all of it; anything else takes the general parse.
+                first, length, frag, proto, dst, spi, seq_lo = _IP4_ESP.unpack_from(pkt)
+                if first == 0x45 and proto == IPPROTO_ESP and not frag & 0x3FFF and spi and length == n:
+                    ctx = self._by_dst.get((dst, spi))
+                    if ctx is not None:
+                        return self._open(ctx, pkt, spi, seq_lo, 20, 20, 9)
+            return self._decrypt(pkt)
         except Exception as err:  # a decoder bug must not stop a whole file
             return DecryptResult(UNSUPPORTED, detail=f"decoder error: {type(err).__name__}: {err}")
 
     def _decrypt(self, pkt: memoryview) -> DecryptResult:
-        if len(pkt) >= 28:
-            # Nearly every packet: IPv4 without options, ESP, a known (destination, SPI), captured
-            # whole. One unpack reads all of it; anything else takes the general parse below.
-            first, length, frag, proto, dst, spi, seq_lo = _IP4_ESP.unpack_from(pkt)
-            if first == 0x45 and proto == IPPROTO_ESP and not frag & 0x3FFF and spi and length == len(pkt):
-                ctx = self._by_dst.get((dst, spi))
-                if ctx is not None:
-                    return self._open(ctx, pkt, spi, seq_lo, 20, 20, 9)
+        """Any packet: the general parse (IPv6, options, NAT-T, fragments, unknown or NAT'ed
+        destinations, truncation)."""
         found = locate(pkt)
         if found is None:
             return DecryptResult(NOT_ESP)
