@@ -15,6 +15,7 @@ megabytes of file.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import sys
@@ -127,12 +128,15 @@ class _Window:
 
     `buf[pos:]` is what has not been consumed; `base` is the file offset of `buf[0]` (for error
     messages). Parsers read records straight out of `buf` and call `fill` only when the next one
-    is not whole in memory."""
+    is not whole in memory. A regular file is re-read from the first unconsumed byte instead of
+    joining the rest of a chunk to the next: one allocation of the same size per chunk, no copy,
+    and the allocator reuses the freed chunk instead of growing and trimming the heap."""
 
-    __slots__ = ("_fh", "base", "buf", "pos")
+    __slots__ = ("_fh", "_seekable", "base", "buf", "pos")
 
     def __init__(self, fh: BinaryIO, head: bytes) -> None:
         self._fh = fh
+        self._seekable = fh.seekable()
         self.buf = head
         self.pos = 0
         self.base = 0
@@ -143,6 +147,12 @@ class _Window:
         have = len(self.buf) - self.pos
         if have >= need:
             return True
+        if self._seekable:
+            self._fh.seek(-have, os.SEEK_CUR)
+            self.base += self.pos
+            self.pos = 0
+            self.buf = self._fh.read(max(CHUNK, need))
+            return len(self.buf) >= need
         parts = [self.buf[self.pos:]]
         while have < need:
             more = self._fh.read(max(CHUNK, need - have))
