@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hmac
 import os
+import resource
 import shutil
 import struct
 import subprocess
@@ -103,10 +104,15 @@ def build(path: Path, suite: str, packets: int, size: int) -> SA:
     return sa
 
 
-def _timed(argv: list[str]) -> tuple[float, subprocess.CompletedProcess[bytes]]:
+def _timed(argv: list[str]) -> tuple[float, float, subprocess.CompletedProcess[bytes]]:
+    """Wall-clock and CPU (user + system) seconds of one process. The ratio is on wall clock, as a
+    user waits; CPU shows how much of it was the process's own work on a loaded machine."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True)
-    return time.perf_counter() - start, proc
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, proc
 
 
 def decoder_only(path: Path, sa: SA) -> float:
@@ -147,21 +153,22 @@ def main(argv: list[str] | None = None) -> int:
             sa = build(pcap, suite, args.packets, args.size)
             keys.write_text(write_esp_sa([sa], 8))
             n = args.packets
-            t_ours, ours = _timed([sys.executable, "-m", "ipsec_capture", "decrypt", str(pcap), "--keys",
-                                   str(keys), "-w", str(out), "--json", "-q"])
+            t_ours, cpu_ours, ours = _timed([sys.executable, "-m", "ipsec_capture", "decrypt", str(pcap),
+                                             "--keys", str(keys), "-w", str(out), "--json", "-q"])
             if ours.returncode != 0:
                 print(f"{suite}: our decrypt failed: {ours.stderr.decode(errors='replace').strip()}",
                       file=sys.stderr)
-            t_shark, shark = _timed([tshark, "-n", "-r", str(pcap), *tshark_args([sa], 8), "-T", "fields",
-                                     "-e", "udp.dstport"])
+            t_shark, cpu_shark, shark = _timed([tshark, "-n", "-r", str(pcap), *tshark_args([sa], 8),
+                                                "-T", "fields", "-e", "udp.dstport"])
             decrypted = sum(1 for line in shark.stdout.splitlines() if line.strip() == b"9")
             dec_rate = decoder_only(pcap, sa)
             ours_rate, shark_rate = n / t_ours, n / t_shark
             print(f"{suite}: {n} packets of {args.size} B")
             print(f"  tshark decrypt        {shark_rate:>10,.0f} pkt/s  ({t_shark:.1f} s, "
-                  f"decrypted {decrypted})")
+                  f"CPU {cpu_shark:.1f} s, decrypted {decrypted})")
             if ours.returncode == 0:
-                print(f"  ipsec-capture decrypt {ours_rate:>10,.0f} pkt/s  ({t_ours:.1f} s)  "
+                print(f"  ipsec-capture decrypt {ours_rate:>10,.0f} pkt/s  ({t_ours:.1f} s, "
+                      f"CPU {cpu_ours:.1f} s)  "
                       f"ratio {ours_rate / shark_rate:.1f}x tshark (target >= 5x)")
             print(f"  EspDecoder alone      {dec_rate:>10,.0f} pkt/s  "
                   f"ratio {dec_rate / shark_rate:.1f}x tshark")
