@@ -178,9 +178,10 @@ class _Window:
 def read_records(path: str, warn: Warn = _stderr_warning, *, borrow: bool = False) -> Iterator[Record]:
     """Every IP packet of a pcap or pcapng file, in file order.
 
-    `borrow`: payloads may be views into the reader's chunk (raw-IP pcap) instead of their own
-    bytes. That saves a copy per packet for a caller that is done with each record before taking
-    the next (decrypt); a kept record would pin its chunk (megabytes) in memory."""
+    `borrow`: for a caller that is done with each record before taking the next (decrypt), the
+    raw-IP pcap reader may hand out one Record object over and over, refilled per packet, with
+    the payload a view into the reader's chunk: no copy and no new Record per packet. A record
+    kept past the next one changes under the caller (and would pin megabytes of chunk)."""
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed by the generator's finally
     except OSError as err:
@@ -226,11 +227,12 @@ def _pcap_cut(win: _Window, path: str, count: int, warn: Warn) -> None:
 
 def _pcap_raw(win: _Window, path: str, order: str, mult: int, point: str, warn: Warn,
               borrow: bool = False) -> Iterator[Record]:
-    """Raw-IP pcap, the common case, kept tight: each packet is one slice (a copy, or a view of
-    the chunk when borrowing) and one Record."""
+    """Raw-IP pcap, the common case, kept tight: each packet is one slice and one Record (when
+    borrowing: a view of the chunk, and the same Record refilled)."""
     unpack = struct.Struct(order + "IIII").unpack_from
     family = _FAMILY_BY_FIRST
     count = 0
+    rec = Record(0, point, b"")  # the borrowed record
     while True:
         buf, pos = win.buf, win.pos
         end = len(buf)
@@ -248,7 +250,13 @@ def _pcap_raw(win: _Window, path: str, order: str, mult: int, point: str, warn: 
             data = cut[pos + 16:stop]
             pos = stop
             count += 1
-            yield Record(sec * 1_000_000_000 + frac * mult, point, data, family[data[0]] if data else 0, orig)
+            time_ns = sec * 1_000_000_000 + frac * mult
+            fam = family[data[0]] if data else 0
+            if borrow:
+                rec.time_ns, rec.payload, rec.family, rec.length = time_ns, data, fam, orig
+                yield rec
+            else:
+                yield Record(time_ns, point, data, fam, orig)
         win.pos = pos
         if not win.fill(need):
             _pcap_cut(win, path, count, warn)
