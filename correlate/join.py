@@ -15,11 +15,12 @@ Times are only windows: NFLOG stamps are wall clock, BPF stamps converted from m
 
 from __future__ import annotations
 
-import heapq
+import math
 import struct
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from ipsec_capture.correlate.causes import (
@@ -30,13 +31,25 @@ from ipsec_capture.correlate.causes import (
     too_big_for_tunnel,
 )
 from ipsec_capture.correlate.diagnosis import Context, diagnose, fmt_time
-from ipsec_capture.correlate.packet import CLEAR, ESP, IKE_POINTS, POINT_ROLES, Packet, direction_of
+from ipsec_capture.correlate.packet import CLEAR, ESP, IKE_POINTS, POINT_ROLES, UNKNOWN, Packet, direction_of
 from ipsec_capture.correlate.sahistory import SaHistory
+from ipsec_capture.xfrm.esp_header import IPPROTO_ESP, locate
 
 from ipsec_capture.models import Event, Record
 
 _ESP = struct.Struct("!II")  # RFC 4303: SPI, sequence number
 _U16 = struct.Struct("!H")
+_IP4_MF_OR_OFFSET = 0x3FFF  # More Fragments bit plus the 13-bit fragment offset
+# Plain IPv4 ESP, nearly every packet of a capture: version 4 and a 20-byte header (0x45), the
+# fragment field, the protocol, and the SPI and sequence number right after the header. When it
+# is ESP and not a fragment, this is what xfrm.esp_header.locate() finds, without its call.
+_IP4_ESP = struct.Struct("!B5xHxB10xII")
+# A pending packet's clear, also and evidence lists are made when it gets its first item, or when
+# it leaves the join (`_settle`): tens of thousands of packets wait in the window, and three empty
+# lists each were a third of what the garbage collector walked.
+_LATER: Any = ()
+_PROBE_KINDS = frozenset({"xfrm_input", "xfrm_output"})  # the probes the run loop attaches itself
+_ESP_POINTS = {point: direction for point, (direction, kind) in POINT_ROLES.items() if kind == ESP}
 SECOND = 1_000_000_000
 DROP_AFTER_PROBE_NS = SECOND // 2  # xfrm_input's drop follows its probe within microseconds (ms under TCG)
 
@@ -113,13 +126,25 @@ def _id_key(pkt: bytes | memoryview) -> int | None:
 
 
 def _locate_esp(pkt: bytes | memoryview) -> tuple[int, int] | None:
-    from ipsec_capture.xfrm.esp_header import locate
-
+    """(SPI, seq) of the ESP packet, or None when it carries none (SPI 0 is reserved: not ESP)."""
+    if len(pkt) >= _IP4_ESP.size:
+        vihl, frag, proto, spi, seq = _IP4_ESP.unpack_from(pkt)
+        if vihl == 0x45 and proto == IPPROTO_ESP and not frag & _IP4_MF_OR_OFFSET:
+            return (spi, seq) if spi else None
     found = locate(pkt)
     if found is None:
         return None
     spi, seq = _ESP.unpack_from(pkt, found[3])
     return (spi, seq) if spi else None
+
+
+class _End:
+    """An exhausted input stream: later than any item, so the merge takes the other one."""
+
+    time_ns = math.inf
+
+
+_END: Any = _End()
 
 
 class Joiner:
@@ -147,37 +172,161 @@ class Joiner:
                            drop_source=bool(sources & {"kfree_skb", "kprobe", "tracepoint"}),
                            kprobes="kprobe" in sources)
         self._pending: deque[Packet] = deque()
-        self._by_spiseq: dict[tuple[int, int], list[Packet]] = {}
+        # (SPI, seq) -> its pending ESP packet, or a list of them when the pair repeats (oldest first)
+        self._by_spiseq: dict[tuple[int, int], Packet | list[Packet]] = {}
         self._early: dict[tuple[int, int], list[Event]] = {}
         self._early_order: deque[tuple[int, tuple[int, int]]] = deque()
         # skb address -> (its packet, or the (SPI, seq) of a probe still waiting for its packet;
         # when the probe saw it). Addresses are reused at once, so only the latest probe counts.
-        self._by_skb: dict[str, tuple[Packet | tuple[int, int], int]] = {}
+        # (Two dicts: no tuple per probe for the garbage collector to walk.)
+        self._skb_target: dict[str, Packet | tuple[int, int]] = {}
+        self._skb_seen: dict[str, int] = {}
         self._esp_wait: dict[int, Packet] = {}  # clear key -> ESP packet awaiting its cleartext
         self._clear_wait: dict[int, list[Packet]] = {}  # clear key -> cleartext awaiting its ESP
         self._last_poll: dict[int | None, int] = {}
+        # Without keys, an ESP packet's clear key (addresses + IPv4 ID) only serves a cleartext
+        # record: until the first one arrives, it is left unbuilt (see _key_pending_esp).
+        self._lazy_keys = self.decoder is None
+        self._clear_out = 0  # outbound cleartext packets pending: none, no nearest-match scan
+        self._anchor_kinds = False  # an event of an anchor's kind came (fit 2 possible in _attribute)
 
     # -- the merge -------------------------------------------------------------------------
     def run(self, records: Iterable[Record], events: Iterable[Event]) -> Iterator[Packet]:
-        now = 0
+        """The join's one loop: both streams merged by time (a Record first on a tie, as
+        heapq.merge would), each item joined, then the packets whose window ended yielded.
+
+        Millions of packets pass here, so the common case is inlined, with the same effect as
+        the general methods it stands for: an ESP packet at a ciphertext point while no
+        cleartext has been seen (`_record`), the xfrm_input/xfrm_output probe of the one packet
+        pending with its (SPI, seq) (`_event`), and the end of an ESP packet's window
+        (`_finalize`). Its counts reach `stats` when the run ends."""
         window = self.window_ns
         pending = self._pending
-        for item in heapq.merge(records, events, key=_time):
-            now = item.time_ns
-            if type(item) is Record:
-                self._record(item)
-            else:
-                self._event(item)
-            while pending and pending[0].time_ns + window < now:
-                p = self._finalize(pending.popleft())
+        early_order = self._early_order
+        by_spiseq = self._by_spiseq
+        skb_target, skb_seen = self._skb_target, self._skb_seen
+        ctx = self.ctx
+        record, event, finalize, record_esp = self._record, self._event, self._finalize, self._record_esp
+        esp_points, ip4_esp, end = _ESP_POINTS, _IP4_ESP.unpack_from, _END
+        record_type, packet_type = Record, Packet
+        n_esp = n_other = n_probes = 0
+        probed = False  # ctx.kprobes and ctx.drop_source set
+        due = math.inf  # when the oldest pending packet's window ends
+        rit, eit = iter(records), iter(events)
+        rec, ev = next(rit, end), next(eit, end)
+        try:
+            while True:
+                if rec.time_ns <= ev.time_ns and rec is not end:
+                    item = rec
+                    rec = next(rit, end)
+                elif ev is not end:
+                    item = ev
+                    ev = next(eit, end)
+                else:
+                    break
+                now = item.time_ns
+                if type(item) is record_type:
+                    direction = esp_points.get(item.point)
+                    payload = item.payload
+                    if direction is not None and len(payload) >= 28:
+                        vihl, frag, proto, spi, seq = ip4_esp(payload)
+                        if vihl != 0x45 or proto != IPPROTO_ESP or frag & _IP4_MF_OR_OFFSET:
+                            direction = None  # not plain IPv4 ESP: xfrm.esp_header.locate() decides
+                    else:
+                        direction = None
+                    if direction is None:
+                        record(item)
+                        due = pending[0].time_ns + window if pending else math.inf
+                    elif not spi:
+                        n_other += 1
+                    elif self._lazy_keys:  # _record_esp and _esp, with no clear key to build
+                        n_esp += 1
+                        found = (spi, seq)
+                        p = packet_type(now, item.point, direction, ESP, item.length or len(payload), item,
+                                        spi, seq, item.netns, None, _LATER, _LATER, [], None, UNKNOWN, None,
+                                        None, _LATER)
+                        same = by_spiseq.get(found)
+                        if same is None:
+                            by_spiseq[found] = p
+                        else:
+                            self._index_again(p, found, same)
+                        if self._early:
+                            self._attach_early(p, found)
+                        if not pending:
+                            due = now + window
+                        pending.append(p)
+                    else:
+                        n_esp += 1
+                        record_esp(item, direction, (spi, seq))
+                        due = pending[0].time_ns + window
+                else:
+                    p = None
+                    if item.source == "kprobe":
+                        spi, seq, kind = item.spi, item.seq, item.kind
+                        if spi is not None and seq is not None and kind in _PROBE_KINDS:
+                            p = by_spiseq.get((spi, seq & 0xFFFFFFFF))
+                            if type(p) is not packet_type or not \
+                                    ((item.netns is None or p.netns is None or p.netns == item.netns)
+                                     and (kind == "xfrm_output") == (p.direction == "out")):
+                                p = None
+                    if p is None:
+                        event(item)
+                    else:  # _event, _probe and _attach for the one packet with its (SPI, seq)
+                        n_probes += 1
+                        if not probed:
+                            ctx.kprobes = ctx.drop_source = probed = True
+                        p.events.append(item)
+                        detail = item.detail
+                        if detail:
+                            skb = detail.get("skb")
+                            if skb:
+                                skb_target[skb] = p
+                                skb_seen[skb] = now
+                if due < now:
+                    limit = now - window  # a packet older than this has waited its window
+                    while pending and pending[0].time_ns < limit:
+                        p = pending.popleft()
+                        if p.kind == ESP:  # _finalize
+                            key = (p.spi, p.seq)
+                            if by_spiseq.get(key) is p:
+                                del by_spiseq[key]
+                            else:
+                                self._unindex(p, key)
+                            if p.key is not None and self._esp_wait.get(p.key) is p:
+                                del self._esp_wait[p.key]
+                            for e in p.events:
+                                detail = e.detail
+                                if detail:
+                                    skb = detail.get("skb")
+                                    if skb and skb_target.get(skb) is p:
+                                        del skb_target[skb], skb_seen[skb]
+                            if not p.clear:  # _settle
+                                p.clear = []
+                            if not p.also:
+                                p.also = []
+                            if not p.evidence:
+                                p.evidence = []
+                            diagnose(p, ctx)
+                            yield p
+                        else:
+                            p = finalize(p)
+                            if p is not None:
+                                yield p
+                    due = pending[0].time_ns + window if pending else math.inf
+                if early_order and early_order[0][0] + window < now:
+                    self._expire_early(now)
+            while pending:
+                p = finalize(pending.popleft())
                 if p is not None:
                     yield p
-            self._expire_early(now)
-        while pending:
-            p = self._finalize(pending.popleft())
-            if p is not None:
-                yield p
-        self._expire_early(None)
+            self._expire_early(None)
+        finally:
+            st = self.stats
+            st.records += n_esp + n_other
+            st.esp += n_esp
+            st.other += n_other
+            st.events += n_probes
+            st.events_matched += n_probes
 
     # -- records ---------------------------------------------------------------------------
     def _record(self, rec: Record) -> None:
@@ -185,56 +334,102 @@ class Joiner:
         st.records += 1
         point = rec.point
         payload = rec.payload
-        found = None
         role = POINT_ROLES.get(point)
-        if point in IKE_POINTS:
+        if role is not None and role[1] == ESP:  # a ciphertext point: the common case
+            direction = role[0]
+            found = _locate_esp(payload)
+        elif point in IKE_POINTS:
             # UDP 4500 carries IKE (non-ESP marker) and NAT-T ESP: only the latter is a packet to judge
             found = _locate_esp(payload)
             if found is None:
                 st.ike += 1
                 return
-            role = (direction_of(rec), ESP)
+            direction = direction_of(rec)
         elif role is None:
             found = _locate_esp(payload)
-            role = (direction_of(rec), ESP if found else CLEAR)
-        direction, kind = role
-        if kind == ESP:
-            found = found or _locate_esp(payload)
+            direction = direction_of(rec)
             if found is None:
-                st.other += 1
+                self._record_clear(rec, direction)
                 return
-            st.esp += 1
-            p = Packet(rec.time_ns, point, direction, ESP, rec.wire_length, rec, found[0], found[1],
-                       rec.netns)
-            self._esp(p)
         else:
-            st.clear += 1
-            p = Packet(rec.time_ns, point, direction, CLEAR, rec.wire_length, rec, netns=rec.netns)
-            self.ctx.clear_points.add(point)
-            self._clear(p)
+            self._record_clear(rec, role[0])
+            return
+        if found is None:
+            st.other += 1
+            return
+        st.esp += 1
+        self._record_esp(rec, direction, found)
+
+    def _record_esp(self, rec: Record, direction: str, found: tuple[int, int]) -> None:
+        """An ESP record at `found` (SPI, seq), counted by the caller: its packet, joined."""
+        p = Packet(rec.time_ns, rec.point, direction, ESP, rec.wire_length, rec, found[0], found[1],
+                   rec.netns, None, _LATER, _LATER, [], None, UNKNOWN, None, None, _LATER)
+        self._esp(p, found)
         self._pending.append(p)
 
-    def _esp(self, p: Packet) -> None:
-        key = (p.spi, p.seq)
-        lst = self._by_spiseq.get(key)
-        if lst is None:
-            self._by_spiseq[key] = [p]
+    def _record_clear(self, rec: Record, direction: str) -> None:
+        self.stats.clear += 1
+        p = Packet(rec.time_ns, rec.point, direction, CLEAR, rec.wire_length, rec, None, None, rec.netns,
+                   None, _LATER, _LATER, [], None, UNKNOWN, None, None, _LATER)
+        self.ctx.clear_points.add(rec.point)
+        if self._lazy_keys:
+            self._key_pending_esp()
+        self._clear(p)
+        if direction == "out":
+            self._clear_out += 1
+        self._pending.append(p)
+
+    def _key_pending_esp(self) -> None:
+        """The first cleartext record: give the ESP packets still pending the clear keys they were
+        left without, in arrival order (the latest of a key wins, as if built on arrival)."""
+        self._lazy_keys = False
+        esp_wait = self._esp_wait
+        for p in self._pending:
+            if p.kind == ESP:
+                p.key = _id_key(p.record.payload)
+                if p.key is not None:
+                    esp_wait[p.key] = p
+
+    def _index_again(self, p: Packet, key: tuple[int, int], same: Packet | list[Packet]) -> None:
+        """A second pending packet with this (SPI, seq): the index holds a list, oldest first."""
+        if type(same) is list:
+            same.append(p)
         else:
-            lst.append(p)
+            self._by_spiseq[key] = [same, p]  # type: ignore[list-item]
+
+    def _unindex(self, p: Packet, key: tuple[int, int]) -> None:
+        """p's window ended and the index holds a list for its (SPI, seq): p is its oldest."""
+        same = self._by_spiseq.get(key)
+        if type(same) is list:
+            same.remove(p)
+            if not same:
+                del self._by_spiseq[key]
+
+    def _attach_early(self, p: Packet, key: tuple[int, int]) -> None:
         early = self._early.pop(key, None)
         if early:
             for ev in early:
                 self._attach(p, ev)
-        payload = p.record.payload
+
+    def _esp(self, p: Packet, key: tuple[int, int]) -> None:
+        same = self._by_spiseq.get(key)
+        if same is None:
+            self._by_spiseq[key] = p
+        else:
+            self._index_again(p, key, same)
+        if self._early:
+            self._attach_early(p, key)
         ckey = None
         if self.decoder is not None:
-            res = self.decoder.decrypt(payload)
+            res = self.decoder.decrypt(p.record.payload)
             p.decrypt = res.status
             inner = res.inner
             if inner is not None:
                 ckey = _inner_key(inner)
+        elif self._lazy_keys:
+            return  # no cleartext seen yet: nothing waits for this packet, nothing to match
         if ckey is None:
-            ckey = _id_key(payload)
+            ckey = _id_key(p.record.payload)
         p.key = ckey
         if ckey is not None:
             waiting = self._clear_wait.pop(ckey, None)
@@ -243,7 +438,7 @@ class Joiner:
                     self._absorb(p, c)
                 return
             self._esp_wait[ckey] = p
-        if p.direction == "out" and not p.clear:
+        if p.direction == "out" and not p.clear and self._clear_out:
             self._absorb_nearest(p)
 
     def _clear(self, c: Packet) -> None:
@@ -272,7 +467,10 @@ class Joiner:
                     and c.time_ns - first.time_ns <= self.clear_window_ns:
                 # the same packet at its next point (filter-out then mangle-post-out): one packet
                 c.absorbed = True
-                first.also.append((c.point, c.time_ns))
+                if first.also:
+                    first.also.append((c.point, c.time_ns))
+                else:
+                    first.also = [(c.point, c.time_ns)]
                 return
             waiting.append(c)
 
@@ -291,8 +489,11 @@ class Joiner:
 
     def _absorb(self, p: Packet, c: Packet) -> None:
         c.absorbed = True
-        p.clear.append((c.point, c.time_ns))
-        p.clear.extend(c.also)
+        if p.clear:
+            p.clear.append((c.point, c.time_ns))
+            p.clear.extend(c.also)
+        else:
+            p.clear = [(c.point, c.time_ns), *c.also]
         self.stats.clear_matched += 1 + len(c.also)
         if c.key is not None:
             lst = self._clear_wait.get(c.key)
@@ -304,15 +505,19 @@ class Joiner:
     # -- events ----------------------------------------------------------------------------
     def _event(self, ev: Event) -> None:
         self.stats.events += 1
+        if ev.kind in ANCHOR_CAUSES:
+            self._anchor_kinds = True
         src = ev.source
-        if src == "xfrm_stat":
+        if src == "kprobe":
+            ctx = self.ctx
+            if not (ctx.kprobes and ctx.drop_source):
+                ctx.kprobes = ctx.drop_source = True
+            self._probe(ev)
+        elif src == "xfrm_stat":
             self._counter(ev)
         elif src == "kfree_skb":
             self.ctx.drop_source = True
             self._drop(ev)
-        elif src == "kprobe":
-            self.ctx.kprobes = self.ctx.drop_source = True
-            self._probe(ev)
         elif src in ("sa_snapshot", "xfrm_monitor"):
             life = self.history.add(ev)
             if src == "xfrm_monitor":
@@ -340,19 +545,24 @@ class Joiner:
             self._note(ev.time_ns, f"{ev.kind}{spi}")
 
     def _probe(self, ev: Event) -> None:
-        if ev.spi is None or ev.seq is None:
+        spi, seq = ev.spi, ev.seq
+        if spi is None or seq is None:
             self._unmatched(ev)
             return
-        key = (ev.spi, ev.seq & 0xFFFFFFFF)
-        for p in reversed(self._by_spiseq.get(key, ())):
-            same_ns = ev.netns is None or p.netns is None or p.netns == ev.netns
-            if same_ns and (ev.kind == "xfrm_output") == (p.direction == "out"):
-                self._attach(p, ev)
-                return
+        key = (spi, seq & 0xFFFFFFFF)
+        same = self._by_spiseq.get(key)
+        if same is not None:
+            netns = ev.netns
+            out = ev.kind == "xfrm_output"
+            for p in (same,) if type(same) is Packet else reversed(same):
+                if (netns is None or p.netns is None or p.netns == netns) and out == (p.direction == "out"):
+                    self._attach(p, ev)
+                    return
         self._wait_early(key, ev)
         skb = ev.detail.get("skb") if ev.detail else None
         if skb:
-            self._by_skb[skb] = (key, ev.time_ns)
+            self._skb_target[skb] = key
+            self._skb_seen[skb] = ev.time_ns
 
     def _wait_early(self, key: tuple[int, int], ev: Event) -> None:
         """An event whose packet has not been read yet (NFLOG's clock may lag the kernel's)."""
@@ -362,13 +572,17 @@ class Joiner:
     def _attach(self, p: Packet, ev: Event) -> None:
         p.events.append(ev)
         self.stats.events_matched += 1
-        skb = ev.detail.get("skb") if ev.detail else None
-        if skb:
-            self._by_skb[skb] = (p, ev.time_ns)
+        detail = ev.detail
+        if detail:
+            skb = detail.get("skb")
+            if skb:
+                self._skb_target[skb] = p
+                self._skb_seen[skb] = ev.time_ns
 
     def _drop(self, ev: Event) -> None:
         skb = ev.detail.get("skbaddr") if ev.detail else None
-        target, seen = self._by_skb.get(skb, (None, 0)) if skb else (None, 0)
+        target = self._skb_target.get(skb) if skb else None
+        seen = self._skb_seen[skb] if target is not None else 0
         if target is not None and 0 <= ev.time_ns - seen <= DROP_AFTER_PROBE_NS:
             if isinstance(target, Packet):
                 target.events.append(ev)
@@ -400,28 +614,13 @@ class Joiner:
 
     def _attribute(self, inc: Incident, since: int | None) -> None:
         """Give the counter's delta to the unexplained packets of its direction in the poll window,
-        those whose own evidence fits the cause first."""
-        low = (since if since is not None else inc.time_ns - self.window_ns) - self.clear_window_ns
-        high = inc.time_ns + self.clear_window_ns
-        candidates: list[Packet] = []
-        for p in reversed(self._pending):
-            if p.time_ns < low:
-                break
-            if p.time_ns > high or p.direction != inc.direction or p.clear or p.absorbed or p.cause:
-                continue
-            if inc.netns is not None and p.netns is not None and p.netns != inc.netns:
-                continue
-            if inc.direction == "in" and p.kind != ESP:
-                continue
-            if inc.direction == "out" and p.kind != CLEAR:
-                continue
-            candidates.append(p)
-        candidates.reverse()  # oldest first
-        candidates.sort(key=lambda p: -self._fit(p, inc.cause))
+        those whose own evidence fits the cause first (oldest first among equals)."""
         too_big = 0
-        for p in candidates[:inc.delta]:
+        for p in self._chosen(inc, since):
             p.cause = inc.cause
             p.counter = inc.name
+            if not p.evidence:
+                p.evidence = []
             p.evidence.append(f"{inc.name} +{inc.delta} at {fmt_time(inc.time_ns)}")
             why = too_big_for_tunnel(p.record.payload) if inc.name == MODE_ERROR_TOO_BIG else None
             if why is not None:
@@ -434,10 +633,59 @@ class Joiner:
         if too_big and too_big == inc.attributed:
             inc.cause = "mtu"
 
+    def _chosen(self, inc: Incident, since: int | None) -> list[Packet]:
+        """The `inc.delta` candidates that fit its cause best (anchor 2, own evidence 1, none 0),
+        oldest first among equals. A poll's window holds thousands of packets and its delta is
+        a few: without anchors the fit is cheap and the oldest fitting ones end the search."""
+        candidates = self._candidates(inc, since)
+        cause, delta = inc.cause, inc.delta
+        if self._anchor_kinds:  # some packet may have fit 2: rank them all
+            ranked = list(candidates)
+            ranked.sort(key=lambda p: -self._fit(p, cause))
+            return ranked[:delta]
+        if cause not in ("no-state", "icv-fail"):  # every fit is 0: the oldest
+            return list(islice(candidates, delta))
+        best: list[Packet] = []
+        rest: list[Packet] = []
+        for p in candidates:
+            if self._own_fit(p, cause):
+                best.append(p)
+                if len(best) == delta:
+                    return best
+            elif len(rest) < delta:
+                rest.append(p)
+        return (best + rest)[:delta]
+
+    def _candidates(self, inc: Incident, since: int | None) -> Iterator[Packet]:
+        """Unexplained packets of the incident's direction (and netns) in its poll window, oldest
+        first. The window is the newest pending packets back to the first one older than it."""
+        low = (since if since is not None else inc.time_ns - self.window_ns) - self.clear_window_ns
+        high = inc.time_ns + self.clear_window_ns
+        pending = self._pending
+        n = 0
+        for p in reversed(pending):
+            if p.time_ns < low:
+                break
+            n += 1
+        direction, netns = inc.direction, inc.netns
+        kind = ESP if direction == "in" else CLEAR if direction == "out" else None
+        for p in islice(pending, len(pending) - n, None):
+            if p.time_ns > high or p.direction != direction or p.clear or p.absorbed or p.cause:
+                continue
+            if netns is not None and p.netns is not None and p.netns != netns:
+                continue
+            if kind is not None and p.kind != kind:
+                continue
+            yield p
+
     def _fit(self, p: Packet, cause: str) -> int:
         for ev in p.events:
             if ANCHOR_CAUSES.get(ev.kind) == cause:
                 return 2
+        return self._own_fit(p, cause)
+
+    def _own_fit(self, p: Packet, cause: str) -> int:
+        """1 when the packet's own state fits the cause: no SA for its SPI, or our ICV check."""
         if cause == "no-state" and p.spi is not None:
             return 1 if self.history.at(p.spi, p.time_ns, p.netns) is None else 0
         if cause == "icv-fail" and p.decrypt == "icv-fail":
@@ -465,18 +713,21 @@ class Joiner:
     # -- the end of a packet's window ------------------------------------------------------
     def _finalize(self, p: Packet) -> Packet | None:
         if p.kind == ESP:
-            lst = self._by_spiseq.get((p.spi, p.seq))
-            if lst is not None:
-                lst.remove(p)
-                if not lst:
-                    del self._by_spiseq[(p.spi, p.seq)]
+            key = (p.spi, p.seq)
+            if self._by_spiseq.get(key) is p:
+                del self._by_spiseq[key]
+            else:
+                self._unindex(p, key)
             if p.key is not None and self._esp_wait.get(p.key) is p:
                 del self._esp_wait[p.key]
+            skb_target = self._skb_target
             for ev in p.events:
                 skb = ev.detail.get("skb") if ev.detail else None
-                if skb and self._by_skb.get(skb, (None,))[0] is p:
-                    del self._by_skb[skb]
+                if skb and skb_target.get(skb) is p:
+                    del skb_target[skb], self._skb_seen[skb]
         else:
+            if p.direction == "out":
+                self._clear_out -= 1
             if p.key is not None:
                 lst = self._clear_wait.get(p.key)
                 if lst and p in lst:
@@ -485,9 +736,16 @@ class Joiner:
                         del self._clear_wait[p.key]
             if p.absorbed:
                 return None
+        _settle(p)
         diagnose(p, self.ctx)
         return p
 
 
-def _time(item: Record | Event) -> int:
-    return item.time_ns
+def _settle(p: Packet) -> None:
+    """A packet leaving the join has its lists, as Packet() makes them (see _LATER)."""
+    if not p.clear:
+        p.clear = []
+    if not p.also:
+        p.also = []
+    if not p.evidence:
+        p.evidence = []

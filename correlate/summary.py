@@ -100,30 +100,37 @@ class Summary:
         self.matched = 0
         self.totals = {OK: 0, FAILED: 0, UNKNOWN: 0}
         self.rate: dict[str, dict[int, int]] = {}  # SA label -> bucket -> packets
+        # (SPI, direction, netns) -> its row and its label's rate series
+        self._row_rate: dict[tuple[int | None, str, int | None], tuple[SaRow, dict[int, int]]] = {}
         self.errors: dict[str, dict[int, int]] = {}  # cause -> bucket -> packets
         self.first_ns: int | None = None
         self.last_ns: int | None = None
 
     def add(self, p: Packet) -> None:
-        self.totals[p.verdict] += 1
+        verdict = p.verdict
+        self.totals[verdict] += 1
         t = p.time_ns
-        if self.first_ns is None or t < self.first_ns:
-            self.first_ns = t
+        first = self.first_ns
+        if first is None or t < first:
+            self.first_ns = first = t
         if self.last_ns is None or t > self.last_ns:
             self.last_ns = t
         key = (p.spi, p.direction, p.netns)
-        row = self.rows.get(key)
-        if row is None:
-            row = self.rows[key] = SaRow(p.spi, p.direction, p.src, p.dst, p.netns, first_ns=t)
+        found = self._row_rate.get(key)
+        if found is None:
+            found = self._new_row(p, key, t)
+        row, rate = found
         row.packets += 1
         row.bytes += p.length
         row.last_ns = t
-        if (t - self.first_ns) // self.bucket_ns > self.max_buckets:
+        bucket_ns = self.bucket_ns
+        if (t - first) // bucket_ns > self.max_buckets:
             self._coarser()
-        bucket = t // self.bucket_ns
-        if p.verdict == OK:
+            bucket_ns = self.bucket_ns
+        bucket = t // bucket_ns
+        if verdict == OK:
             row.ok += 1
-        elif p.verdict == FAILED:
+        elif verdict == FAILED:
             cause = p.cause or "other"
             row.failed[cause] = row.failed.get(cause, 0) + 1
             series = self.errors.setdefault(cause, {})
@@ -131,23 +138,33 @@ class Summary:
             self._drop(p, cause)
         else:
             row.unknown += 1
-        label = self.label(p.spi, p.direction)
-        series = self.rate.setdefault(label, {})
-        series[bucket] = series.get(bucket, 0) + 1
-        if self.filter(p):
+        rate[bucket] = rate.get(bucket, 0) + 1
+        flt = self.filter
+        if (flt.spi is None and flt.verdict is None and flt.cause is None and flt.direction is None
+                and type(flt) is PacketFilter) or flt(p):  # no filter: no call per packet
             self.matched += 1
             if self.packet_limit <= 0 or len(self.packets) < self.packet_limit:
                 self.packets.append(p)
 
+    def _new_row(self, p: Packet, key: tuple[int | None, str, int | None], t: int
+                 ) -> tuple[SaRow, dict[int, int]]:
+        """The first packet of an SA (and direction, netns): its row, and its rate series, which
+        rows of the same label share (kept with the row: the label is a string to build)."""
+        row = self.rows[key] = SaRow(p.spi, p.direction, p.src, p.dst, p.netns, first_ns=t)
+        found = self._row_rate[key] = (row, self.rate.setdefault(self.label(p.spi, p.direction), {}))
+        return found
+
     def _coarser(self) -> None:
-        """Ten times wider buckets, so the series stay bounded however long the capture."""
+        """Ten times wider buckets, so the series stay bounded however long the capture. Each
+        series is rebuilt in place: the rows hold their rate series."""
         self.bucket_ns *= 10
         for group in (self.rate, self.errors):
-            for name, series in group.items():
+            for series in group.values():
                 merged: dict[int, int] = {}
                 for b, n in series.items():
                     merged[b // 10] = merged.get(b // 10, 0) + n
-                group[name] = merged
+                series.clear()
+                series.update(merged)
 
     @staticmethod
     def label(spi: int | None, direction: str) -> str:
