@@ -149,16 +149,23 @@ class PcapngWriter:
         return iid
 
     def _point_options(self, rec: Record) -> _PointOptions:
-        """Comment: the caller's text first, then where the packet was seen (point, devices, mark)
-        when the source said so (NFLOG metadata); a bare IP record gets no automatic comment.
-
-        Encoded once per key, with the point's interface id (its IDB added before its first
-        packet): (id, options without a caller's comment, length of the "; where" part, and per
-        caller's comment length mod 4 the bytes that follow that comment: "; where", padding,
-        direction flag, end of options)."""
+        """A (point, hook, devices, mark) seen for the first time: its interface (the IDB goes
+        before its first packet) and option bytes, cached for the packets that follow."""
         iid = self._ifaces.get(rec.point)
         if iid is None:
             iid = self.interface(rec.point or "unknown")
+        point_opts = self._encode_point_options(rec, iid)
+        if len(self._opts) < 65536:
+            self._opts[(rec.point, rec.hook, rec.indev, rec.outdev, rec.mark)] = point_opts
+        return point_opts
+
+    def _encode_point_options(self, rec: Record, iid: int) -> _PointOptions:
+        """Comment: the caller's text first, then where the packet was seen (point, devices, mark)
+        when the source said so (NFLOG metadata); a bare IP record gets no automatic comment.
+
+        Returns (interface id, options without a caller's comment, length of the "; where" part,
+        and per caller's comment length mod 4 the bytes that follow that comment: "; where",
+        padding, direction flag, end of options)."""
         where = b""
         if rec.hook is not None or rec.indev or rec.outdev or rec.mark is not None:
             words = [rec.point or "?"]
@@ -193,12 +200,9 @@ class PcapngWriter:
         """Append `data` (as the file's link type has it) as one packet of `record`'s point, time
         and metadata, with `comment` already encoded (b"": none). `write` builds on this; decrypt
         calls it directly to put the decrypted packet in place of the record's own."""
-        key = (record.point, record.hook, record.indev, record.outdev, record.mark)
-        point_opts = self._opts.get(key)
+        point_opts = self._opts.get((record.point, record.hook, record.indev, record.outdev, record.mark))
         if point_opts is None:
             point_opts = self._point_options(record)
-            if len(self._opts) < 65536:
-                self._opts[key] = point_opts
         iid, alone, joined_len, after = point_opts
         if type(data) is not bytes:
             data = bytes(data)  # a view's buffer may change or be large: keep only the packet
@@ -207,16 +211,18 @@ class PcapngWriter:
             data = data[: self.snaplen]
             caplen = self.snaplen
         ts = record.time_ns
-        if comment:
-            tail = after[len(comment) & 3]
-            total = 36 + ((caplen + 3) & ~3) + len(comment) + len(tail)
-            self._parts += (_EPB_HEAD.pack(BT_EPB, total, iid, ts >> 32, ts & 0xFFFFFFFF, caplen, orig), data,
-                            _PAD_COMMENT[caplen & 3].pack(OPT_COMMENT, len(comment) + joined_len), comment,
-                            tail, _U32.pack(total))
+        parts = self._parts
+        clen = len(comment)
+        if clen:
+            tail = after[clen & 3]
+            total = 36 + ((caplen + 3) & ~3) + clen + len(tail)
+            parts += (_EPB_HEAD.pack(BT_EPB, total, iid, ts >> 32, ts & 0xFFFFFFFF, caplen, orig), data,
+                      _PAD_COMMENT[caplen & 3].pack(OPT_COMMENT, clen + joined_len), comment, tail,
+                      _U32.pack(total))
         else:
             total = 32 + ((caplen + 3) & ~3) + len(alone)
-            self._parts += (_EPB_HEAD.pack(BT_EPB, total, iid, ts >> 32, ts & 0xFFFFFFFF, caplen, orig), data,
-                            _PAD[caplen & 3], alone, _U32.pack(total))
+            parts += (_EPB_HEAD.pack(BT_EPB, total, iid, ts >> 32, ts & 0xFFFFFFFF, caplen, orig), data,
+                      _PAD[caplen & 3], alone, _U32.pack(total))
         self.packets += 1
         self._pending += total
         if self._pending >= FLUSH_AT:
