@@ -131,7 +131,7 @@ class EspDecoder:
     def decrypt(self, packet: bytes | memoryview) -> DecryptResult:
         """Decrypt one outer IP packet. Never raises on packet contents."""
         try:
-            pkt = memoryview(packet)
+            pkt = packet if type(packet) is memoryview else memoryview(packet)
             n = len(pkt)
             if n >= 28:
                 # Nearly every packet: IPv4 without options, ESP, a known (destination, SPI),
@@ -192,23 +192,23 @@ class EspDecoder:
         t = ctx.transform
         if t is None:
             return DecryptResult(UNSUPPORTED, spi, seq_lo, sa=ctx.sa, detail=ctx.problem)
-        esp = pkt[pos:]
-        body = len(esp) - t.overhead
+        body = len(pkt) - pos - t.overhead
         if body < 2:
             return DecryptResult(TRUNCATED, spi, seq_lo, sa=ctx.sa,
-                                 detail=f"ESP of {len(esp)} bytes cannot hold header, IV, trailer and ICV")
+                                 detail=f"ESP of {len(pkt) - pos} bytes cannot hold header, IV, trailer "
+                                        "and ICV")
         if body % t.block:
             return DecryptResult(BAD_PADDING, spi, seq_lo, sa=ctx.sa,
                                  detail=f"ciphertext of {body} bytes is not a multiple of {t.block}")
         esn = ctx.esn
         if esn:
-            plain, seq = self._open_esn(ctx, t, esp, seq_lo)
+            plain, seq = self._open_esn(ctx, t, pkt, pos, seq_lo)
         else:
-            plain, seq = t.open(esp, None), seq_lo
+            plain, seq = t.open(pkt, pos, None), seq_lo
             if esn is None and t.authenticated:
                 # the key file did not say (8-column esp_sa): the ICV tells which one the SA uses
                 if plain is None:
-                    plain, seq = self._open_esn(ctx, t, esp, seq_lo)
+                    plain, seq = self._open_esn(ctx, t, pkt, pos, seq_lo)
                     if plain is not None:
                         ctx.esn = True
                 else:
@@ -236,7 +236,8 @@ class EspDecoder:
         return DecryptResult(status, spi, seq, inner, next_header, ctx.sa, detail)
 
     @staticmethod
-    def _open_esn(ctx: _Context, t: Transform, esp: memoryview, seq_lo: int) -> tuple[bytes | None, int]:
+    def _open_esn(ctx: _Context, t: Transform, pkt: memoryview, pos: int, seq_lo: int
+                  ) -> tuple[bytes | None, int]:
         """Infer the high 32 bits (RFC 4303 Appendix A2.2), verify, and follow the SA forward.
         If the ICV fails with the inferred value, the neighbours are tried (a replay state taken
         at another moment than the capture), so a rollover is found either way."""
@@ -252,7 +253,7 @@ class EspDecoder:
         for h in tries:
             if not 0 <= h <= _MASK32:
                 continue
-            plain = t.open(esp, _U32.pack(h))
+            plain = t.open(pkt, pos, _U32.pack(h))
             if plain is not None:
                 seq = (h << 32) | seq_lo
                 if seq > ctx.top:

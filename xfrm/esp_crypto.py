@@ -34,12 +34,14 @@ _COUNTER_ONE = b"\x00\x00\x00\x01"  # RFC 3686 section 4: the block counter star
 class Transform:
     """One SA's cipher and integrity check.
 
-    `open(esp, seq_hi)`: `esp` is the whole ESP packet (header, IV, ciphertext, ICV); `seq_hi`
-    the 4 high sequence bytes for ESN SAs, else None. Returns the plaintext (payload, padding,
-    pad length, next header) or None on an ICV mismatch. `block` is the alignment the ciphertext
-    must have; `authenticated` says whether a None can happen at all. The plaintext starts after
-    `skip` bytes of the returned buffer (CBC returns the decrypted IV block too: cutting it off
-    would copy the whole packet once more, and the decoder slices the payload out anyway).
+    `open(pkt, pos, seq_hi)`: the ESP packet (header, IV, ciphertext, ICV) is `pkt[pos:]` (the
+    transform slices what it needs from the packet: a view of the ESP part alone would cost every
+    packet one more); `seq_hi` the 4 high sequence bytes for ESN SAs, else None. Returns the
+    plaintext (payload, padding, pad length, next header) or None on an ICV mismatch. `block` is
+    the alignment the ciphertext must have; `authenticated` says whether a None can happen at
+    all. The plaintext starts after `skip` bytes of the returned buffer (CBC returns the
+    decrypted IV block too: cutting it off would copy the whole packet once more, and the decoder
+    slices the payload out anyway).
     """
 
     name: str
@@ -47,7 +49,7 @@ class Transform:
     icv_len: int
     block: int
     authenticated: bool
-    open: Callable[[memoryview, bytes | None], bytes | None]
+    open: Callable[[memoryview, int, bytes | None], bytes | None]
     skip: int = 0
     overhead: int = field(init=False)  # ESP header + IV + ICV: what the ciphertext is not
 
@@ -55,13 +57,13 @@ class Transform:
         self.overhead = 8 + self.iv_len + self.icv_len
 
 
-def _aad(esp: memoryview, seq_hi: bytes | None) -> bytes | memoryview:
+def _aad(pkt: memoryview, pos: int, seq_hi: bytes | None) -> bytes | memoryview:
     """AEAD associated data: SPI + seq, or SPI + seq-hi + seq-lo for ESN (RFC 4106 section 5).
     Without ESN it is the header as it is, a view: no copy (the AEADs take any buffer); the hot
     paths inline that case."""
     if seq_hi is None:
-        return esp[:8]
-    return bytes(esp[:4]) + seq_hi + bytes(esp[4:8])
+        return pkt[pos:pos + 8]
+    return bytes(pkt[pos:pos + 4]) + seq_hi + bytes(pkt[pos + 4:pos + 8])
 
 
 def _split_salt(alg: Algorithm, salt_len: int, key_lens: tuple[int, ...]) -> tuple[bytes, bytes]:
@@ -89,22 +91,22 @@ def _gcm(alg: Algorithm) -> Transform:
     if icv == 16:
         aead = AESGCM(key)
 
-        def open_full(esp: memoryview, seq_hi: bytes | None) -> bytes | None:
+        def open_full(pkt: memoryview, pos: int, seq_hi: bytes | None) -> bytes | None:
             try:
-                aad = esp[:8] if seq_hi is None else _aad(esp, seq_hi)
-                return aead.decrypt(salt + esp[8:16], esp[16:], aad)
+                aad = pkt[pos:pos + 8] if seq_hi is None else _aad(pkt, pos, seq_hi)
+                return aead.decrypt(salt + pkt[pos + 8:pos + 16], pkt[pos + 16:], aad)
             except InvalidTag:
                 return None
 
         return Transform(alg.name, 8, 16, 4, True, open_full)
     aes = algorithms.AES(key)
 
-    def open_short(esp: memoryview, seq_hi: bytes | None) -> bytes | None:
+    def open_short(pkt: memoryview, pos: int, seq_hi: bytes | None) -> bytes | None:
         # AESGCM insists on a 16-byte tag; the streaming API takes a truncated one.
-        dec = Cipher(aes, modes.GCM(salt + bytes(esp[8:16]), bytes(esp[-icv:]), min_tag_length=icv)
-                     ).decryptor()
-        dec.authenticate_additional_data(_aad(esp, seq_hi))
-        out = dec.update(esp[16:-icv])
+        dec = Cipher(aes, modes.GCM(salt + bytes(pkt[pos + 8:pos + 16]), bytes(pkt[-icv:]),
+                                    min_tag_length=icv)).decryptor()
+        dec.authenticate_additional_data(_aad(pkt, pos, seq_hi))
+        out = dec.update(pkt[pos + 16:-icv])
         try:
             return out + dec.finalize()
         except InvalidTag:
@@ -120,12 +122,12 @@ def _gmac(alg: Algorithm) -> Transform:
     _icv_len(alg, (16,), 16)
     aead = AESGCM(key)
 
-    def open_gmac(esp: memoryview, seq_hi: bytes | None) -> bytes | None:
-        payload = bytes(esp[16:-16])
+    def open_gmac(pkt: memoryview, pos: int, seq_hi: bytes | None) -> bytes | None:
+        payload = bytes(pkt[pos + 16:-16])
         try:
             # AAD = header (+ ESN high bits), IV, payload: without ESN, the ESP packet up to the ICV
-            aad = esp[:-16] if seq_hi is None else _aad(esp, seq_hi) + esp[8:-16]
-            aead.decrypt(salt + esp[8:16], esp[-16:], aad)
+            aad = pkt[pos:-16] if seq_hi is None else _aad(pkt, pos, seq_hi) + pkt[pos + 8:-16]
+            aead.decrypt(salt + pkt[pos + 8:pos + 16], pkt[-16:], aad)
         except InvalidTag:
             return None
         return payload
@@ -139,10 +141,10 @@ def _ccm(alg: Algorithm) -> Transform:
     icv = _icv_len(alg, (8, 12, 16), 16)
     aead = AESCCM(key, tag_length=icv)
 
-    def open_ccm(esp: memoryview, seq_hi: bytes | None) -> bytes | None:
+    def open_ccm(pkt: memoryview, pos: int, seq_hi: bytes | None) -> bytes | None:
         try:
-            aad = esp[:8] if seq_hi is None else _aad(esp, seq_hi)
-            return aead.decrypt(salt + esp[8:16], esp[16:], aad)
+            aad = pkt[pos:pos + 8] if seq_hi is None else _aad(pkt, pos, seq_hi)
+            return aead.decrypt(salt + pkt[pos + 8:pos + 16], pkt[pos + 16:], aad)
         except InvalidTag:
             return None
 
@@ -155,10 +157,10 @@ def _chacha(alg: Algorithm) -> Transform:
     _icv_len(alg, (16,), 16)
     aead = ChaCha20Poly1305(key)
 
-    def open_chacha(esp: memoryview, seq_hi: bytes | None) -> bytes | None:
+    def open_chacha(pkt: memoryview, pos: int, seq_hi: bytes | None) -> bytes | None:
         try:
-            aad = esp[:8] if seq_hi is None else _aad(esp, seq_hi)
-            return aead.decrypt(salt + esp[8:16], esp[16:], aad)
+            aad = pkt[pos:pos + 8] if seq_hi is None else _aad(pkt, pos, seq_hi)
+            return aead.decrypt(salt + pkt[pos + 8:pos + 16], pkt[pos + 16:], aad)
         except InvalidTag:
             return None
 
@@ -243,25 +245,25 @@ def _enc_auth(enc: Algorithm, auth: Algorithm | None) -> Transform:
     name = enc.name + (f"+{auth.name}" if mac else "")
 
     if mac is None:
-        def open_plain(esp: memoryview, seq_hi: bytes | None) -> bytes | None:
-            return decipher(esp[8:])
+        def open_plain(pkt: memoryview, pos: int, seq_hi: bytes | None) -> bytes | None:
+            return decipher(pkt[pos + 8:])
 
         return Transform(name, iv_len, 0, block, False, open_plain, skip)
 
     full = mac.algorithm.digest_size
     compare = hmac.compare_digest
 
-    def open_auth(esp: memoryview, seq_hi: bytes | None) -> bytes | None:
+    def open_auth(pkt: memoryview, pos: int, seq_hi: bytes | None) -> bytes | None:
         # RFC 4303 section 3.3.2: the ICV covers header, IV and ciphertext; with ESN the high
         # sequence bits are appended to that (they are not sent).
         h = mac.copy()
-        h.update(esp[:-icv])
+        h.update(pkt[pos:-icv])
         if seq_hi is not None:
             h.update(seq_hi)
         digest = h.finalize()
-        if not compare(digest[:icv] if icv < full else digest, esp[-icv:]):
+        if not compare(digest[:icv] if icv < full else digest, pkt[-icv:]):
             return None
-        return decipher(esp[8:-icv])
+        return decipher(pkt[pos + 8:-icv])
 
     return Transform(name, iv_len, icv, block, True, open_auth, skip)
 
