@@ -56,26 +56,30 @@ def _sa_evidence(p: Packet, history: SaHistory) -> None:
         p.evidence.append(f"SA spi 0x{p.spi:08x} hard-expired at {fmt_time(p.sa.expired_ns)}")
 
 
-_PROBE_RET0 = "xfrm_input returned 0 and no drop or anchor for this skb"
+PROBE_ACCEPTED = "xfrm_input returned 0 and no drop or anchor for this skb"  # (the join inlines it)
 
 
 def diagnose(p: Packet, ctx: Context) -> None:
     """Set p.verdict, p.cause and p.evidence (appending to what the join already noted)."""
-    if p.spi is not None and p.sa is None and ctx.history.by_spi:
-        p.sa = ctx.history.at(p.spi, p.time_ns, p.netns)
+    history = ctx.history
+    if history.by_spi and p.spi is not None and p.sa is None:
+        p.sa = history.at(p.spi, p.time_ns, p.netns)
     events = p.events
-    if len(events) == 1 and ctx.drop_source and p.cause is None and not p.clear and p.kind != CLEAR \
-            and p.direction != "out":
+    if len(events) == 1 and p.cause is None and not p.clear and p.direction != "out" and p.kind != CLEAR \
+            and ctx.drop_source:
         # Nearly every inbound packet: its xfrm_input probe alone, returning 0. No anchor, drop or
         # error return among its events, so it is accepted (the last rule below).
         ev = events[0]
-        ret = ev.ret
-        if ev.kind == "xfrm_input" and ev.source != "kfree_skb" and \
-                (ret is None or ret >= 0 or ret == -EINPROGRESS):
-            p.verdict = OK
-            p.evidence.append(_PROBE_RET0 if ret == 0 else
-                              f"xfrm_input returned {ret} and no drop or anchor for this skb")
-            return
+        if ev.kind == "xfrm_input" and ev.source != "kfree_skb":
+            ret = ev.ret
+            if ret == 0 and type(ret) is int:  # (the text of 0, not of 0.0 or False)
+                p.verdict = OK
+                p.evidence.append(PROBE_ACCEPTED)
+                return
+            if ret is None or ret > 0 or ret == -EINPROGRESS:
+                p.verdict = OK
+                p.evidence.append(f"xfrm_input returned {ret} and no drop or anchor for this skb")
+                return
     cause = None
     for ev in p.events:
         if ev.source == "kprobe" and ev.kind in ANCHOR_CAUSES:

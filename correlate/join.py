@@ -30,8 +30,18 @@ from ipsec_capture.correlate.causes import (
     cause_for_drop,
     too_big_for_tunnel,
 )
-from ipsec_capture.correlate.diagnosis import Context, diagnose, fmt_time
-from ipsec_capture.correlate.packet import CLEAR, ESP, IKE_POINTS, POINT_ROLES, UNKNOWN, Packet, direction_of
+from ipsec_capture.correlate.diagnosis import PROBE_ACCEPTED, Context, diagnose, fmt_time
+from ipsec_capture.correlate.packet import (
+    CLEAR,
+    ESP,
+    IKE_POINTS,
+    OK,
+    POINT_ROLES,
+    Packet,
+    direction_of,
+    settle,
+    waiting_packet,
+)
 from ipsec_capture.correlate.sahistory import SaHistory
 from ipsec_capture.xfrm.esp_header import IPPROTO_ESP, locate
 
@@ -44,10 +54,6 @@ _IP4_MF_OR_OFFSET = 0x3FFF  # More Fragments bit plus the 13-bit fragment offset
 # fragment field, the protocol, and the SPI and sequence number right after the header. When it
 # is ESP and not a fragment, this is what xfrm.esp_header.locate() finds, without its call.
 _IP4_ESP = struct.Struct("!B5xHxB10xII")
-# A pending packet's clear, also and evidence lists are made when it gets its first item, or when
-# it leaves the join (`_settle`): tens of thousands of packets wait in the window, and three empty
-# lists each were a third of what the garbage collector walked.
-_LATER: Any = ()
 _PROBE_KINDS = frozenset({"xfrm_input", "xfrm_output"})  # the probes the run loop attaches itself
 _ESP_POINTS = {point: direction for point, (direction, kind) in POINT_ROLES.items() if kind == ESP}
 SECOND = 1_000_000_000
@@ -206,9 +212,10 @@ class Joiner:
         by_spiseq = self._by_spiseq
         skb_target, skb_seen = self._skb_target, self._skb_seen
         ctx = self.ctx
+        sa_lives = self.history.by_spi  # none: no SA to look up for a packet
         record, event, finalize, record_esp = self._record, self._event, self._finalize, self._record_esp
         esp_points, ip4_esp, end = _ESP_POINTS, _IP4_ESP.unpack_from, _END
-        record_type, packet_type = Record, Packet
+        record_type, packet_type, new_packet = Record, Packet, waiting_packet
         n_esp = n_other = n_probes = 0
         probed = False  # ctx.kprobes and ctx.drop_source set
         due = math.inf  # when the oldest pending packet's window ends
@@ -242,9 +249,8 @@ class Joiner:
                     elif self._lazy_keys:  # _record_esp and _esp, with no clear key to build
                         n_esp += 1
                         found = (spi, seq)
-                        p = packet_type(now, item.point, direction, ESP, item.length or len(payload), item,
-                                        spi, seq, item.netns, None, _LATER, _LATER, [], None, UNKNOWN, None,
-                                        None, _LATER)
+                        p = new_packet(now, item.point, direction, ESP, item.length or len(payload), item,
+                                       spi, seq, item.netns)
                         same = by_spiseq.get(found)
                         if same is None:
                             by_spiseq[found] = p
@@ -294,18 +300,26 @@ class Joiner:
                                 self._unindex(p, key)
                             if p.key is not None and self._esp_wait.get(p.key) is p:
                                 del self._esp_wait[p.key]
-                            for e in p.events:
+                            events = p.events
+                            for e in events:
                                 detail = e.detail
                                 if detail:
                                     skb = detail.get("skb")
                                     if skb and skb_target.get(skb) is p:
                                         del skb_target[skb], skb_seen[skb]
-                            if not p.clear:  # _settle
-                                p.clear = []
-                            if not p.also:
-                                p.also = []
-                            if not p.evidence:
-                                p.evidence = []
+                            if len(events) == 1 and p.cause is None and not p.clear and p.direction != "out" \
+                                    and not sa_lives and (probed or ctx.drop_source):
+                                e = events[0]
+                                ret = e.ret
+                                if ret == 0 and e.kind == "xfrm_input" and e.source != "kfree_skb" \
+                                        and type(ret) is int:
+                                    # diagnose()'s lone accepting probe, and settle(): with no cause
+                                    # nor cleartext, its lists are still LATER
+                                    p.verdict = OK
+                                    p.clear, p.also, p.evidence = [], [], [PROBE_ACCEPTED]
+                                    yield p
+                                    continue
+                            settle(p)
                             diagnose(p, ctx)
                             yield p
                         else:
@@ -362,15 +376,15 @@ class Joiner:
 
     def _record_esp(self, rec: Record, direction: str, found: tuple[int, int]) -> None:
         """An ESP record at `found` (SPI, seq), counted by the caller: its packet, joined."""
-        p = Packet(rec.time_ns, rec.point, direction, ESP, rec.wire_length, rec, found[0], found[1],
-                   rec.netns, None, _LATER, _LATER, [], None, UNKNOWN, None, None, _LATER)
+        p = waiting_packet(rec.time_ns, rec.point, direction, ESP, rec.wire_length, rec, found[0], found[1],
+                           rec.netns)
         self._esp(p, found)
         self._pending.append(p)
 
     def _record_clear(self, rec: Record, direction: str) -> None:
         self.stats.clear += 1
-        p = Packet(rec.time_ns, rec.point, direction, CLEAR, rec.wire_length, rec, None, None, rec.netns,
-                   None, _LATER, _LATER, [], None, UNKNOWN, None, None, _LATER)
+        p = waiting_packet(rec.time_ns, rec.point, direction, CLEAR, rec.wire_length, rec, None, None,
+                           rec.netns)
         self.ctx.clear_points.add(rec.point)
         if self._lazy_keys:
             self._key_pending_esp()
@@ -736,16 +750,7 @@ class Joiner:
                         del self._clear_wait[p.key]
             if p.absorbed:
                 return None
-        _settle(p)
+        settle(p)
         diagnose(p, self.ctx)
         return p
 
-
-def _settle(p: Packet) -> None:
-    """A packet leaving the join has its lists, as Packet() makes them (see _LATER)."""
-    if not p.clear:
-        p.clear = []
-    if not p.also:
-        p.also = []
-    if not p.evidence:
-        p.evidence = []

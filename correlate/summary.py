@@ -98,7 +98,6 @@ class Summary:
         self.drops: dict[tuple[str, int | None, str], DropGroup] = {}
         self.packets: list[Packet] = []
         self.matched = 0
-        self.totals = {OK: 0, FAILED: 0, UNKNOWN: 0}
         self.rate: dict[str, dict[int, int]] = {}  # SA label -> bucket -> packets
         # (SPI, direction, netns) -> its row and its label's rate series
         self._row_rate: dict[tuple[int | None, str, int | None], tuple[SaRow, dict[int, int]]] = {}
@@ -106,14 +105,31 @@ class Summary:
         self.first_ns: int | None = None
         self.last_ns: int | None = None
 
+    @property
+    def filter(self) -> PacketFilter:
+        return self._filter
+
+    @filter.setter
+    def filter(self, packet_filter: PacketFilter) -> None:
+        self._filter = packet_filter
+        # the default filter passes everything: add() then calls nothing per packet
+        self._everything = type(packet_filter) is PacketFilter and packet_filter == PacketFilter()
+
+    @property
+    def totals(self) -> dict[str, int]:
+        """Packets per verdict, from the rows (which count them anyway)."""
+        rows = self.rows.values()
+        return {OK: sum(r.ok for r in rows), FAILED: sum(sum(r.failed.values()) for r in rows),
+                UNKNOWN: sum(r.unknown for r in rows)}
+
     def add(self, p: Packet) -> None:
         verdict = p.verdict
-        self.totals[verdict] += 1
         t = p.time_ns
         first = self.first_ns
         if first is None or t < first:
             self.first_ns = first = t
-        if self.last_ns is None or t > self.last_ns:
+        last = self.last_ns
+        if last is None or t > last:
             self.last_ns = t
         key = (p.spi, p.direction, p.netns)
         found = self._row_rate.get(key)
@@ -139,9 +155,7 @@ class Summary:
         else:
             row.unknown += 1
         rate[bucket] = rate.get(bucket, 0) + 1
-        flt = self.filter
-        if (flt.spi is None and flt.verdict is None and flt.cause is None and flt.direction is None
-                and type(flt) is PacketFilter) or flt(p):  # no filter: no call per packet
+        if self._everything or self._filter(p):
             self.matched += 1
             if self.packet_limit <= 0 or len(self.packets) < self.packet_limit:
                 self.packets.append(p)
