@@ -41,8 +41,9 @@ STATUSES = (OK, ICV_FAIL, NO_SA, BAD_PADDING, TRUNCATED, UNSUPPORTED, NOT_ESP)
 
 _ESP = struct.Struct("!II")
 # IPv4 header without options followed by the ESP header: version/IHL, total length, flags and
-# fragment offset, protocol, destination, SPI, sequence number (the decoder's fast path)
-_IP4_ESP = struct.Struct("!BxHxxHxB6x4sII")
+# fragment offset, protocol, destination and SPI as one 64-bit key, sequence number (the decoder's
+# fast path: destination and SPI are adjacent, so the dict key comes out of the unpack as it is)
+_IP4_ESP = struct.Struct("!BxHxxHxB6xQI")
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _PAD = bytes(range(1, 256))  # RFC 4303 section 2.4: default padding is 1, 2, 3, ...
@@ -95,11 +96,12 @@ class EspDecoder:
     """Decrypts ESP packets with a set of SAs, looked up by (destination, SPI) and, because NAT
     may rewrite addresses, by SPI alone when the pair is unknown."""
 
-    __slots__ = ("_by_dst", "_by_spi")
+    __slots__ = ("_by_dst", "_by_spi", "_by_v4")
 
     def __init__(self, sas: Iterable[SA] = ()) -> None:
         self._by_dst: dict[tuple[bytes | None, int], _Context] = {}
         self._by_spi: dict[int, list[_Context]] = {}
+        self._by_v4: dict[int, _Context] = {}  # the IPv4 entries of _by_dst, keyed dst << 32 | SPI
         for sa in sas:
             self.add(sa)
 
@@ -120,6 +122,8 @@ class EspDecoder:
         key = (ctx.dst, sa.spi)
         old = self._by_dst.get(key)
         self._by_dst[key] = ctx
+        if ctx.dst is not None and len(ctx.dst) == 4 and sa.spi:  # SPI 0 is never ESP: not found
+            self._by_v4[int.from_bytes(ctx.dst, "big") << 32 | sa.spi] = ctx
         same_spi = self._by_spi.setdefault(sa.spi, [])
         if old is not None:
             same_spi.remove(old)
@@ -136,11 +140,11 @@ class EspDecoder:
             if n >= 28:
                 # Nearly every packet: IPv4 without options, ESP, a known (destination, SPI),
                 # captured whole. One unpack reads all of it; anything else takes the general parse.
-                first, length, frag, proto, dst, spi, seq_lo = _IP4_ESP.unpack_from(pkt)
-                if first == 0x45 and proto == IPPROTO_ESP and not frag & 0x3FFF and spi and length == n:
-                    ctx = self._by_dst.get((dst, spi))
+                first, length, frag, proto, dst_spi, seq_lo = _IP4_ESP.unpack_from(pkt)
+                if first == 0x45 and proto == IPPROTO_ESP and not frag & 0x3FFF and length == n:
+                    ctx = self._by_v4.get(dst_spi)
                     if ctx is not None:
-                        return self._open(ctx, pkt, spi, seq_lo, 20, 20, 9)
+                        return self._open(ctx, pkt, dst_spi & 0xFFFFFFFF, seq_lo, 20, 20, 9)
             return self._decrypt(pkt)
         except Exception as err:  # a decoder bug must not stop a whole file
             return DecryptResult(UNSUPPORTED, detail=f"decoder error: {type(err).__name__}: {err}")
