@@ -35,6 +35,7 @@ from ipsec_capture.correlate.packet import (
     CLEAR,
     ESP,
     IKE_POINTS,
+    LATER,
     OK,
     POINT_ROLES,
     Packet,
@@ -184,9 +185,13 @@ class Joiner:
         self._early_order: deque[tuple[int, tuple[int, int]]] = deque()
         # skb address -> (its packet, or the (SPI, seq) of a probe still waiting for its packet;
         # when the probe saw it). Addresses are reused at once, so only the latest probe counts.
-        # (Two dicts: no tuple per probe for the garbage collector to walk.)
         self._skb_target: dict[str, Packet | tuple[int, int]] = {}
         self._skb_seen: dict[str, int] = {}
+        # The probes the run loop attached, in order, not yet written to those two dicts: most skb
+        # addresses are never looked up (no drop names them), so the two writes and two deletes
+        # per packet in dicts of a whole window are paid only once a lookup needs them (_skb_sync).
+        self._skb_log_packets: deque[Packet] = deque()
+        self._skb_log_probes: deque[Event] = deque()
         self._esp_wait: dict[int, Packet] = {}  # clear key -> ESP packet awaiting its cleartext
         self._clear_wait: dict[int, list[Packet]] = {}  # clear key -> cleartext awaiting its ESP
         self._last_poll: dict[int | None, int] = {}
@@ -210,7 +215,8 @@ class Joiner:
         pending = self._pending
         early_order = self._early_order
         by_spiseq = self._by_spiseq
-        skb_target, skb_seen = self._skb_target, self._skb_seen
+        skb_target = self._skb_target
+        log_packets, log_probes = self._skb_log_packets, self._skb_log_probes
         ctx = self.ctx
         sa_lives = self.history.by_spi  # none: no SA to look up for a packet
         record, event, finalize, record_esp = self._record, self._event, self._finalize, self._record_esp
@@ -251,10 +257,8 @@ class Joiner:
                         found = (spi, seq)
                         p = new_packet(now, item.point, direction, ESP, item.length or len(payload), item,
                                        spi, seq, item.netns)
-                        same = by_spiseq.get(found)
-                        if same is None:
-                            by_spiseq[found] = p
-                        else:
+                        same = by_spiseq.setdefault(found, p)
+                        if same is not p:
                             self._index_again(p, found, same)
                         if self._early:
                             self._attach_early(p, found)
@@ -283,11 +287,9 @@ class Joiner:
                             ctx.kprobes = ctx.drop_source = probed = True
                         p.events.append(item)
                         detail = item.detail
-                        if detail:
-                            skb = detail.get("skb")
-                            if skb:
-                                skb_target[skb] = p
-                                skb_seen[skb] = now
+                        if detail and detail.get("skb"):
+                            log_packets.append(p)
+                            log_probes.append(item)
                 if due < now:
                     limit = now - window  # a packet older than this has waited its window
                     while pending and pending[0].time_ns < limit:
@@ -301,12 +303,8 @@ class Joiner:
                             if p.key is not None and self._esp_wait.get(p.key) is p:
                                 del self._esp_wait[p.key]
                             events = p.events
-                            for e in events:
-                                detail = e.detail
-                                if detail:
-                                    skb = detail.get("skb")
-                                    if skb and skb_target.get(skb) is p:
-                                        del skb_target[skb], skb_seen[skb]
+                            if skb_target:
+                                self._unlink_skbs(p)
                             if len(events) == 1 and p.cause is None and not p.clear and p.direction != "out" \
                                     and not sa_lives and (probed or ctx.drop_source):
                                 e = events[0]
@@ -317,10 +315,14 @@ class Joiner:
                                     # nor cleartext, its lists are still LATER
                                     p.verdict = OK
                                     p.clear, p.also, p.evidence = [], [], [PROBE_ACCEPTED]
-                                    yield p
-                                    continue
-                            settle(p)
-                            diagnose(p, ctx)
+                                else:
+                                    settle(p)
+                                    diagnose(p, ctx)
+                            else:
+                                settle(p)
+                                diagnose(p, ctx)
+                            while log_packets and log_packets[0].also is not LATER:  # left the window
+                                self._skb_forget()
                             yield p
                         else:
                             p = finalize(p)
@@ -575,6 +577,7 @@ class Joiner:
         self._wait_early(key, ev)
         skb = ev.detail.get("skb") if ev.detail else None
         if skb:
+            self._skb_sync()
             self._skb_target[skb] = key
             self._skb_seen[skb] = ev.time_ns
 
@@ -590,11 +593,47 @@ class Joiner:
         if detail:
             skb = detail.get("skb")
             if skb:
+                self._skb_sync()
                 self._skb_target[skb] = p
                 self._skb_seen[skb] = ev.time_ns
 
+    def _skb_sync(self) -> None:
+        """Write the logged probes to the skb dicts, in order, as if each had been written when
+        attached: a packet that has left the window since took its address with it (_finalize)."""
+        target, seen = self._skb_target, self._skb_seen
+        for p, ev in zip(self._skb_log_packets, self._skb_log_probes, strict=True):
+            skb = ev.detail["skb"]
+            if p.also is LATER:  # still waiting (an ESP packet's `also` stays LATER until settle())
+                target[skb] = p
+                seen[skb] = ev.time_ns
+            else:
+                target.pop(skb, None)
+                seen.pop(skb, None)
+        self._skb_log_packets.clear()
+        self._skb_log_probes.clear()
+
+    def _skb_forget(self) -> None:
+        """The oldest logged probe's packet left the window: the probe is no longer needed, and
+        the address it would have taken leaves with the packet (older entries included)."""
+        self._skb_log_packets.popleft()
+        ev = self._skb_log_probes.popleft()
+        if self._skb_target:
+            skb = ev.detail["skb"]
+            self._skb_target.pop(skb, None)
+            self._skb_seen.pop(skb, None)
+
+    def _unlink_skbs(self, p: Packet) -> None:
+        """p leaves the window: the skb addresses that still name it name nothing now."""
+        target = self._skb_target
+        for ev in p.events:
+            skb = ev.detail.get("skb") if ev.detail else None
+            if skb and target.get(skb) is p:
+                del target[skb], self._skb_seen[skb]
+
     def _drop(self, ev: Event) -> None:
         skb = ev.detail.get("skbaddr") if ev.detail else None
+        if skb:
+            self._skb_sync()
         target = self._skb_target.get(skb) if skb else None
         seen = self._skb_seen[skb] if target is not None else 0
         if target is not None and 0 <= ev.time_ns - seen <= DROP_AFTER_PROBE_NS:
@@ -734,11 +773,8 @@ class Joiner:
                 self._unindex(p, key)
             if p.key is not None and self._esp_wait.get(p.key) is p:
                 del self._esp_wait[p.key]
-            skb_target = self._skb_target
-            for ev in p.events:
-                skb = ev.detail.get("skb") if ev.detail else None
-                if skb and skb_target.get(skb) is p:
-                    del skb_target[skb], self._skb_seen[skb]
+            if self._skb_target:
+                self._unlink_skbs(p)
         else:
             if p.direction == "out":
                 self._clear_out -= 1
@@ -751,6 +787,9 @@ class Joiner:
             if p.absorbed:
                 return None
         settle(p)
+        log = self._skb_log_packets
+        while log and log[0].also is not LATER:  # left the window
+            self._skb_forget()
         diagnose(p, self.ctx)
         return p
 

@@ -104,6 +104,11 @@ class Summary:
         self.errors: dict[str, dict[int, int]] = {}  # cause -> bucket -> packets
         self.first_ns: int | None = None
         self.last_ns: int | None = None
+        # Per packet, two comparisons stand for the arithmetic they save: the time from which the
+        # buckets are too many ((t - first) // bucket_ns > max_buckets), and whether the packet
+        # list has room (limit <= 0: unbounded).
+        self._coarse_at = 0
+        self._room = True
 
     @property
     def filter(self) -> PacketFilter:
@@ -127,7 +132,8 @@ class Summary:
         t = p.time_ns
         first = self.first_ns
         if first is None or t < first:
-            self.first_ns = first = t
+            self.first_ns = t
+            self._coarse_at = t + (self.max_buckets + 1) * self.bucket_ns
         last = self.last_ns
         if last is None or t > last:
             self.last_ns = t
@@ -139,11 +145,9 @@ class Summary:
         row.packets += 1
         row.bytes += p.length
         row.last_ns = t
-        bucket_ns = self.bucket_ns
-        if (t - first) // bucket_ns > self.max_buckets:
+        if t >= self._coarse_at:
             self._coarser()
-            bucket_ns = self.bucket_ns
-        bucket = t // bucket_ns
+        bucket = t // self.bucket_ns
         if verdict == OK:
             row.ok += 1
         elif verdict == FAILED:
@@ -157,8 +161,9 @@ class Summary:
         rate[bucket] = rate.get(bucket, 0) + 1
         if self._everything or self._filter(p):
             self.matched += 1
-            if self.packet_limit <= 0 or len(self.packets) < self.packet_limit:
+            if self._room:
                 self.packets.append(p)
+                self._room = self.packet_limit <= 0 or len(self.packets) < self.packet_limit
 
     def _new_row(self, p: Packet, key: tuple[int | None, str, int | None], t: int
                  ) -> tuple[SaRow, dict[int, int]]:
@@ -172,6 +177,7 @@ class Summary:
         """Ten times wider buckets, so the series stay bounded however long the capture. Each
         series is rebuilt in place: the rows hold their rate series."""
         self.bucket_ns *= 10
+        self._coarse_at = self.first_ns + (self.max_buckets + 1) * self.bucket_ns  # type: ignore[operator]
         for group in (self.rate, self.errors):
             for series in group.values():
                 merged: dict[int, int] = {}
