@@ -28,6 +28,7 @@ from ipsec_capture.correlate.causes import (
     MODE_ERROR_TOO_BIG,
     cause_for_counter,
     cause_for_drop,
+    drop_reason_named,
     too_big_for_tunnel,
 )
 from ipsec_capture.correlate.diagnosis import PROBE_ACCEPTED, Context, diagnose, fmt_time
@@ -178,6 +179,9 @@ class Joiner:
         self.ctx = Context(history=self.history, clear_points=set(), keys=self.decoder is not None,
                            drop_source=bool(sources & {"kfree_skb", "kprobe", "tracepoint"}),
                            kprobes="kprobe" in sources)
+        # The xfrm_stat counters were collected: they already count (and attribute) every drop
+        # that a bare kfree_skb location could only guess at.
+        self._counters = "xfrm_stat" in sources
         self._pending: deque[Packet] = deque()
         # (SPI, seq) -> its pending ESP packet, or a list of them when the pair repeats (oldest first)
         self._by_spiseq: dict[tuple[int, int], Packet | list[Packet]] = {}
@@ -530,6 +534,7 @@ class Joiner:
                 ctx.kprobes = ctx.drop_source = True
             self._probe(ev)
         elif src == "xfrm_stat":
+            self._counters = True
             self._counter(ev)
         elif src == "kfree_skb":
             self.ctx.drop_source = True
@@ -644,6 +649,12 @@ class Joiner:
                 self._wait_early(target, ev)
             return
         loc = str(ev.detail.get("location", "?"))
+        if self._counters and not drop_reason_named(ev.reason):
+            # No probe joined it to a packet and its reason names nothing: the counter that moved
+            # with it tells the cause and finds the packet; an incident of its own would be a guess.
+            self._unmatched(ev)
+            self._note(ev.time_ns, f"drop {ev.reason or '?'} at {loc} (unjoined; the counters explain it)")
+            return
         cause = cause_for_drop(ev.reason, loc)
         direction = "out" if "output" in loc or "route" in loc else "in"
         self.incidents.append(Incident(ev.time_ns, "kfree_skb", ev.reason or loc, cause, direction, ev.netns,

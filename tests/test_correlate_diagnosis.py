@@ -137,6 +137,32 @@ def test_xfrm_input_ret0_is_not_accepted_when_a_drop_follows():
     assert pk[2].verdict == "ok" and "xfrm_input returned 0" in pk[2].evidence[-1]
 
 
+TRACEPOINT_SOURCES = {"sources": [{"name": "xfrm_stat", "active": True},
+                                  {"name": "kfree_skb", "active": True}]}
+
+
+def test_tracepoint_mode_bare_drop_leaves_the_cause_to_the_counter():
+    """Without kprobes no drop is joined to a packet; a bare xfrm_input location guesses no-state,
+    but the counter that moved with it knows better (here an ICV failure)."""
+    key = bytes(range(20))
+    h = Host()
+    traffic_in(h, T0 + MS, 1, key, decap=True)
+    traffic_in(h, T0 + 2 * MS, 2, bytes(20), decap=False, seal_key=bytes(20))
+    h.event(T0 + 2 * MS + 200, "kfree_skb", "drop", reason="NOT_SPECIFIED",
+            detail={"location": "xfrm_input+0x2de", "skbaddr": "0x7"})
+    h.counter(T0 + 400 * MS, "XfrmInStateProtoError", 1, 1)
+    for header, bare_incident in ((TRACEPOINT_SOURCES, False), ({}, True)):
+        an = analyse(inputs(h, header=header))
+        pk = by_seq(an)
+        assert pk[1].verdict == "ok" and pk[2].verdict == "failed", pk[2].evidence
+        assert pk[2].counter == "XfrmInStateProtoError" and pk[2].cause != "no-state"
+        d = an.to_dict()
+        assert ("no-state" in {x["cause"] for x in d["drops"]}) is bare_incident, d["drops"]
+        if not bare_incident:
+            assert d["totals"]["events_unmatched"] == {"kfree_skb/drop": 1}
+            assert any("unjoined; the counters explain it" in t["text"] for t in d["timeline"])
+
+
 def test_outbound_clear_matched_and_no_sa_out():
     h = Host()
     inner = ip4(A, B, 17, b"\x9c\x40\x00\x09\x00\x0cxxxx", ident=77)
