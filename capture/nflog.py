@@ -3,7 +3,8 @@
 Why our own: scapy has no nflog socket, and libpcap's `nflog:N` stalls on batched messages
 (DESIGN.md §3). The kernel batches packets into one skb (up to `nlbufsiz` bytes, flushed after
 `qthresh` packets or `timeout` hundredths of a second); one recv returns one batch, which we
-split with memoryviews into the same bytes object, so a packet costs one TLV walk and one Record.
+split with memoryviews into the same bytes object, so a packet costs one Record and, once its
+message shape has been seen, no TLV walk (BodyParser).
 Loss is never hidden: ENOBUFS on recv (the kernel could not queue a batch) and gaps in the
 per-instance sequence number (NFULNL_CFG_F_SEQ) are both counted.
 """
@@ -18,7 +19,7 @@ import time
 from dataclasses import dataclass
 from types import TracebackType
 
-from ipsec_capture.capture.nflog_tlv import parse_body
+from ipsec_capture.capture.nflog_tlv import BodyParser
 
 from ipsec_capture.errors import UserError, require_root
 from ipsec_capture.netns import entered, netns_inode
@@ -97,6 +98,7 @@ class NflogReader:
         self.stats = ReaderStats()
         self._next_seq: int | None = None
         self._seq = 0
+        self._parse = BodyParser().parse
         self.netns_inode = netns_inode(netns)
         with entered(netns):
             self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
@@ -176,6 +178,7 @@ class NflogReader:
         stats = self.stats
         head = NLMSG_HEAD.unpack_from
         ino = self.netns_inode
+        parse = self._parse
         for _ in range(max_recv):
             try:
                 data = sock.recv(RECV_SIZE)
@@ -196,7 +199,7 @@ class NflogReader:
                 if mlen < 16 or off + mlen > n:
                     break
                 if mtype == MSG_PACKET:
-                    rec = parse_body(mv[off + 16:off + mlen], now)
+                    rec = parse(mv[off + 16:off + mlen], now)
                     rec.netns = ino
                     seq = rec.seq
                     if seq is not None:

@@ -154,3 +154,103 @@ def build_body(rec: Record, group: int = 0) -> bytes:
             parts.append(_tlv(ttype, U32.pack(attr & 0xFFFFFFFF)))
     parts.append(_tlv(NFULA_PAYLOAD, bytes(rec.payload[:MAX_TLV_VALUE])))
     return b"".join(parts)
+
+
+class _Layout:
+    """One learned message shape: the TLVs before the payload (lengths, types, prefix text) and
+    where the fields we keep sit. `parse` returns None when a body is not of this shape."""
+
+    __slots__ = ("build", "expect", "head", "payload_at", "tlv", "values")
+
+    def __init__(self, body: memoryview, tlv: struct.Struct) -> None:
+        """Learn from `body`, which parse_body accepted; raises ValueError if it has no payload
+        or anything after the payload (those keep taking the general walk)."""
+        head_fmt, value_fmt, exprs = [tlv.format[0]], ["!B"], {"family": "v[0]"}
+        pos, nvalues, off, n = 1, 1, 4, len(body)  # pos: where the value struct has got to
+        point = ""
+        while True:
+            tlen, ttype = tlv.unpack_from(body, off)
+            ttype &= NLA_TYPE_MASK
+            v, end = off + 4, off + ((tlen + 3) & ~3)
+            if ttype == NFULA_PAYLOAD:
+                if off + tlen != n and end != n:
+                    raise ValueError("TLVs after the payload")
+                break
+            head_fmt.append("HH")
+            field: list[tuple[str, int, str]] = []  # (name, offset, format) of what this TLV gives
+            if ttype == NFULA_PREFIX:
+                head_fmt.append(f"{tlen - 4}s{end - off - tlen}x")
+                point = _prefix(bytes(body[v:off + tlen]))
+            else:
+                head_fmt.append(f"{end - v}x")
+                if tlen == 8 and ttype in _U32_FIELDS:
+                    field = [(_U32_FIELDS[ttype], v, "I")]
+                elif ttype == NFULA_PACKET_HDR and tlen >= 8:
+                    field = [("hook", v + 2, "B")]
+                elif ttype == NFULA_TIMESTAMP and tlen >= 20:
+                    field = [("sec", v, "Q"), ("usec", v + 8, "Q")]
+            for name, at, fmt in field:
+                value_fmt.append(f"{at - pos}x{fmt}")
+                pos = at + struct.calcsize("!" + fmt)
+                exprs[name] = f"v[{nvalues}]"
+                nvalues += 1
+            off = end
+            if off + 4 > n:
+                raise ValueError("no payload")
+        self.tlv = tlv
+        self.head = struct.Struct("".join(head_fmt)).unpack_from
+        self.expect = self.head(body, 4)
+        self.values = struct.Struct("".join(value_fmt)).unpack_from
+        self.payload_at = off
+        when = f"{exprs['sec']} * 1_000_000_000 + {exprs['usec']} * 1000" if "sec" in exprs else "t"
+        fields = ", ".join(exprs.get(name, "None") for name in (
+            "hook", "indev", "outdev", "mark", "uid", "gid", "seq", "seq_global"))
+        # The constructor call for this shape, written out once: positional arguments in
+        # Record's field order, absent fields None, so a packet costs one call and no lookups.
+        # (eval of text made above from our own field names and indices, never from packet bytes)
+        self.build = eval(
+            f"lambda v, t, p, m: Record({when}, point, p, {exprs['family']}, 0, {fields}, None, m)",
+            {"Record": Record, "point": point})
+
+    def parse(self, body: memoryview, recv_ns: int) -> Record | None:
+        if len(body) < self.payload_at + 4 or self.head(body, 4) != self.expect:
+            return None
+        at = self.payload_at
+        plen, ptype = self.tlv.unpack_from(body, at)
+        if ptype & NLA_TYPE_MASK != NFULA_PAYLOAD or plen < 4 or len(body) - at not in (plen, plen + 3 & ~3):
+            return None  # not the payload, or not where it ends the body
+        return self.build(self.values(body), recv_ns, body[at + 4:at + plen], body)
+
+
+class BodyParser:
+    """parse_body for a stream of bodies that repeat a few shapes (a live group: each capture
+    point's messages carry the same TLVs, only the values and the payload change). The shapes
+    seen are learned; a body of a known shape costs two struct unpacks and a tuple compare
+    instead of a walk over its TLVs. Anything else takes parse_body, with the same result."""
+
+    MAX_LAYOUTS = 32  # more shapes than this: the rest are walked
+
+    def __init__(self, tlv: struct.Struct = TLV_NATIVE) -> None:
+        self._tlv = tlv
+        self._layouts: list[_Layout] = []
+        self._last: _Layout | None = None
+
+    def parse(self, body: memoryview, recv_ns: int = 0) -> Record:
+        last = self._last
+        if last is not None:
+            rec = last.parse(body, recv_ns)
+            if rec is not None:
+                return rec
+        for layout in self._layouts:
+            rec = layout.parse(body, recv_ns)
+            if rec is not None:
+                self._last = layout
+                return rec
+        rec = parse_body(body, recv_ns, self._tlv)
+        if len(self._layouts) < self.MAX_LAYOUTS:
+            try:
+                self._last = _Layout(body, self._tlv)
+            except ValueError:
+                return rec
+            self._layouts.append(self._last)
+        return rec

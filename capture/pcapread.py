@@ -20,10 +20,10 @@ import socket
 import struct
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from ipsec_capture.capture.nflog_tlv import detect_tlv_order, family_of, parse_body
+from ipsec_capture.capture.nflog_tlv import BodyParser, detect_tlv_order, family_of
 
 from ipsec_capture.errors import UserError
 from ipsec_capture.models import Record
@@ -73,6 +73,8 @@ class _Iface:
     name: str
     ts_div: int  # file ticks per second
     ts_offset: int  # seconds added to every stamp (if_tsoffset)
+    # NFLOG: a parser per TLV byte order, learning this interface's message shapes
+    parsers: dict[struct.Struct, BodyParser] = field(default_factory=dict)
 
 
 def _ip_from_frame(linktype: int, data: memoryview) -> memoryview | None:
@@ -104,7 +106,11 @@ def _record(path: str, off: int, iface: _Iface, time_ns: int, data: bytes, orig:
     """The Record of one frame; `data` is that frame's own bytes (views into it stay small)."""
     if iface.linktype == LINKTYPE_NFLOG:
         try:
-            rec = parse_body(data, time_ns, detect_tlv_order(data))
+            order = detect_tlv_order(data)
+            parser = iface.parsers.get(order)
+            if parser is None:
+                parser = iface.parsers[order] = BodyParser(order)
+            rec = parser.parse(memoryview(data), time_ns)
         except UserError as err:
             raise UserError(f"{path}: bad NFLOG packet in the block at offset {off}: {err}") from None
         rec.time_ns = time_ns

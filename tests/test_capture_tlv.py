@@ -16,6 +16,7 @@ from ipsec_capture.capture.nflog_tlv import (
     NFULA_PREFIX,
     NFULA_SEQ,
     TLV_BE,
+    BodyParser,
     build_body,
     detect_tlv_order,
     parse_body,
@@ -66,16 +67,21 @@ def test_build_parse_round_trip() -> None:
     assert bytes(back.payload) == NATT6 and back.family == socket.AF_INET6
 
 
-def test_big_endian_tlv_headers_are_detected() -> None:
-    le = kernel_body(b"x", ESP4)
+def big_endian(le: bytes) -> bytes:
+    """A body as a big-endian host logs it: TLV headers swapped, values as they were."""
     be = bytearray(le[:4])
     off = 4
     while off < len(le):
         tlen, ttype = struct.unpack_from("<HH", le, off)
         be += struct.pack(">HH", tlen, ttype) + le[off + 4: off + tlen] + b"\0" * (-tlen % 4)
         off += (tlen + 3) & ~3
-    assert detect_tlv_order(bytes(be)) is TLV_BE
-    assert bytes(parse_body(bytes(be), tlv=TLV_BE).payload) == ESP4
+    return bytes(be)
+
+
+def test_big_endian_tlv_headers_are_detected() -> None:
+    be = big_endian(kernel_body(b"x", ESP4))
+    assert detect_tlv_order(be) is TLV_BE
+    assert bytes(parse_body(be, tlv=TLV_BE).payload) == ESP4
 
 
 @pytest.mark.parametrize("cut", [1, 3, 5, 9, 17])
@@ -104,6 +110,78 @@ def test_fuzz_mutated_kernel_body(pos: int, value: int) -> None:
     body[pos % len(body)] = value
     with contextlib.suppress(UserError):
         parse_body(bytes(body))
+
+
+def fields(rec: Record) -> tuple:
+    return (rec.time_ns, rec.point, bytes(rec.payload), rec.family, rec.length, rec.hook, rec.indev,
+            rec.outdev, rec.mark, rec.uid, rec.gid, rec.seq, rec.seq_global, rec.netns,
+            None if rec.nflog is None else bytes(rec.nflog), rec.comment)
+
+
+def parsed_both_ways(parser: BodyParser, body: bytes, recv_ns: int = 7,
+                     tlv: struct.Struct | None = None) -> tuple:
+    """The same body through parse_body and through `parser`: the same Record or the same error."""
+    try:
+        want = fields(parse_body(body, recv_ns, *(tlv,) if tlv else ()))
+    except UserError as err:
+        with pytest.raises(UserError) as got:
+            parser.parse(memoryview(body), recv_ns)
+        assert str(got.value) == str(err)
+        return ()
+    got = fields(parser.parse(memoryview(body), recv_ns))
+    assert got == want
+    return got
+
+
+OPTIONAL = st.one_of(st.none(), st.integers(0, 0xFFFFFFFF))
+RECORDS = st.builds(
+    Record, time_ns=st.one_of(st.just(0), st.integers(1, 2**62)), point=st.sampled_from(
+        ["raw-pre-esp", "raw-out-ike", "filter-in", "mangle-post-out", ""]),
+    payload=st.sampled_from([ESP4, NATT6, IKE4, b""]), hook=st.one_of(st.none(), st.integers(0, 4)),
+    indev=OPTIONAL, outdev=OPTIONAL, mark=OPTIONAL, uid=OPTIONAL, gid=OPTIONAL, seq=OPTIONAL,
+    seq_global=OPTIONAL)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(RECORDS, min_size=1, max_size=30))
+def test_learned_shapes_parse_as_the_walk_does(records: list[Record]) -> None:
+    """A stream of bodies (shapes repeating, values changing) through one BodyParser: every
+    Record is the one parse_body gives, whether its shape was learned or not."""
+    parser = BodyParser()
+    for rec in records + records[::-1]:
+        parsed_both_ways(parser, build_body(rec))
+
+
+def test_a_learned_shape_skips_the_walk_and_keeps_every_field() -> None:
+    parser = BodyParser()
+    first = parsed_both_ways(parser, kernel_body(b"raw-pre-esp", ESP4, hook=0, seq=1))
+    assert len(parser._layouts) == 1
+    again = parsed_both_ways(parser, kernel_body(b"raw-pre-esp", NATT6, hook=0, seq=2))
+    other = parsed_both_ways(parser, kernel_body(b"raw-pre-ike", IKE4, hook=0, seq=3))
+    assert len(parser._layouts) == 2  # same TLVs, another prefix: another shape
+    assert (first[1], first[11], again[2], again[11], other[1]) == ("raw-pre-esp", 1, NATT6, 2, "raw-pre-ike")
+    assert first[0] == 1700000000 * 10**9 + 250 * 1000  # the kernel's timestamp, not the receive time
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(0, 200), st.integers(0, 255), st.integers(0, 40))
+def test_fuzz_mutated_or_cut_body_after_learning(pos: int, value: int, cut: int) -> None:
+    """After its shape is learned, a corrupted or cut body gives what parse_body gives."""
+    parser = BodyParser()
+    good = kernel_body(b"raw-pre-esp", ESP4)
+    parsed_both_ways(parser, good)
+    body = bytearray(good)
+    body[pos % len(body)] = value
+    parsed_both_ways(parser, bytes(body[:len(body) - cut]))
+    parsed_both_ways(parser, good)
+
+
+def test_big_endian_headers_learned_too() -> None:
+    parser = BodyParser(TLV_BE)
+    be = big_endian(kernel_body(b"x", ESP4))
+    for _ in range(2):
+        assert parsed_both_ways(parser, be, tlv=TLV_BE)[2] == ESP4
+    assert len(parser._layouts) == 1
 
 
 def test_prefix_and_seq_attrs_with_netlink_flag_bits() -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
@@ -89,6 +88,10 @@ def _my_blocks(records: Iterable[Record], k: int, jobs: int, block: int, new_poi
     share.seen = i + 1
 
 
+def _quiet(_msg: str) -> None:
+    pass
+
+
 def _worker(path: str, k: int, jobs: int, block: int, decoder: EspDecoder, fragment: str,
             name_points: PointNamer, conn: Connection, progress: object) -> None:
     """One worker process: decrypt its blocks into `fragment`, send its _Share, exit."""
@@ -99,13 +102,10 @@ def _worker(path: str, k: int, jobs: int, block: int, decoder: EspDecoder, fragm
         progress[2 * k] = s.packets  # type: ignore[index]
         progress[2 * k + 1] = s.totals().get("ok", 0)  # type: ignore[index]
 
-    def warn(msg: str) -> None:
-        if k == 0:  # every worker reads the same file: one of them speaks
-            print(f"warning: {msg}", file=sys.stderr, flush=True)
-
     try:
         with PcapngWriter(fragment, linktype="raw", fragment=True) as writer:
-            records = read_records(path, warn, borrow=True)
+            # every worker reads the same file: one of them gives its warnings
+            records = read_records(path, borrow=True) if k == 0 else read_records(path, _quiet, borrow=True)
             mine = _my_blocks(records, k, jobs, block, name_points(writer), writer, share)
             decrypt_to_writer(mine, decoder, share.summary, writer, None, tick, 8192)
         tick(share.summary)
