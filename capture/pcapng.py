@@ -14,7 +14,6 @@ Files are created mode 0600: captures hold cleartext.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import platform
 import socket
@@ -95,10 +94,7 @@ class PcapngWriter:
 
     def __init__(self, path: str | os.PathLike[str], *, linktype: str = "nflog", snaplen: int = 262144,
                  application: str = "ipsec-capture", comment: str | None = None,
-                 ifname: Callable[[int], str] | None = None, fragment: bool = False) -> None:
-        """`fragment`: write packet blocks only, no section header and no interface blocks (ids
-        are still assigned, and `described` lists them): the caller assembles the file from
-        fragments (xfrm/decrypt_parallel.py)."""
+                 ifname: Callable[[int], str] | None = None) -> None:
         if linktype not in LINKTYPES:
             raise UserError(f"unknown link type {linktype!r}: choose from {', '.join(LINKTYPES)}")
         self.path = os.fspath(path)
@@ -107,8 +103,6 @@ class PcapngWriter:
         self._nflog = linktype == "nflog"
         self._ifname = ifname or _ifname_lookup()
         self._ifaces: dict[str, int] = {}
-        self.described: list[tuple[str, str]] = []  # (name, description) per interface id
-        self._fragment = fragment
         self._opts: dict[tuple, _PointOptions] = {}
         self._parts: list[bytes] = []  # whole blocks not yet written, in pieces
         self._pending = 0  # bytes in _parts
@@ -121,10 +115,6 @@ class PcapngWriter:
         except OSError as err:
             raise UserError(f"cannot write {self.path}: {err.strerror}") from None
         os.fchmod(self._fd, 0o600)  # an existing file keeps its mode on O_TRUNC
-        if not fragment:
-            self._section_header(application, comment)
-
-    def _section_header(self, application: str, comment: str | None) -> None:
         uname = platform.uname()
         opts = option(SHB_HARDWARE, uname.machine.encode())
         opts += option(SHB_OS, f"{uname.system} {uname.release}".encode())
@@ -150,9 +140,6 @@ class PcapngWriter:
             return iid
         iid = len(self._ifaces)
         self._ifaces[name] = iid
-        self.described.append((name, description))
-        if self._fragment:
-            return iid
         opts = option(IF_NAME, name.encode())
         if description:
             opts += option(IF_DESCRIPTION, description.encode())
@@ -259,39 +246,6 @@ class PcapngWriter:
             self._failed = True
             raise
         self.committed += done
-        self.packets_committed = self.packets
-
-    def splice(self, src_fd: int, start: int, length: int, packets: int = 0) -> None:
-        """Append `length` bytes of whole packet blocks (`packets` of them) read from another
-        file at `start`: a fragment written with `fragment=True` whose interface ids are this
-        file's. The kernel copies (copy_file_range) where it can; a failure cuts the file back
-        to its last whole block, as `flush` does."""
-        self.flush()
-        done = 0
-        try:
-            while done < length:
-                try:
-                    n = os.copy_file_range(src_fd, self._fd, length - done, start + done)
-                except OSError as err:
-                    if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                        raise
-                    n = 0
-                if n == 0:  # not supported here (or a short source): copy through memory
-                    chunk = os.pread(src_fd, min(length - done, 1 << 20), start + done)
-                    if not chunk:
-                        raise OSError(errno.EIO, f"fragment ends {length - done} bytes early")
-                    view, w = memoryview(chunk), 0
-                    while w < len(chunk):
-                        w += os.write(self._fd, view[w:])
-                    n = len(chunk)
-                done += n
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, self.committed)
-            self._failed = True
-            raise
-        self.committed += length
-        self.packets += packets
         self.packets_committed = self.packets
 
     def close(self) -> None:
