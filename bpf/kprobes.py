@@ -57,12 +57,23 @@ PROBES = (
 )
 
 
+_addrs: dict[tuple[int, bytes], str | None] = {}
+
+
 def _addr(family: int, raw: bytes) -> str | None:
-    if family == AF_INET:
-        return str(ipaddress.IPv4Address(raw[:4]))
-    if family == AF_INET6:
-        return str(ipaddress.IPv6Address(raw))
-    return None
+    """An address as text; remembered, since a tunnel's few addresses come in every event."""
+    key = (family, raw)
+    text = _addrs.get(key, False)
+    if text is False:
+        if family == AF_INET:
+            text = str(ipaddress.IPv4Address(raw[:4]))
+        elif family == AF_INET6:
+            text = str(ipaddress.IPv6Address(raw))
+        else:
+            text = None
+        if len(_addrs) < 4096:
+            _addrs[key] = text
+    return text  # type: ignore[return-value]
 
 
 def decode(raw: bytes, wall_minus_mono: int, reasons: dict[int, str],

