@@ -6,7 +6,8 @@ Inside a namespace of its own (ict-bench-*, loopback only) one NFLOG rule (`rule
 --points raw-out-esp`) copies every ESP packet a small C sender (compiled with gcc here) emits at
 a paced rate. For each offered rate, each reader in turn captures `seconds` worth of packets;
 a step is lossless when the file holds every packet sent. It prints, per reader, the highest
-lossless rate and the ratio ours/tcpdump (target >= 1.0). Not a test: the numbers depend on the
+lossless rate and the ratio ours/tcpdump (target >= 1.0), and per step the reader's CPU time per
+packet (startup included; the sender's own CPU is not charged to it). Not a test: the numbers depend on the
 machine and on what else runs on it.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -65,11 +67,22 @@ def sh(*argv: str, **kw) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, check=True, capture_output=True, text=True, **kw)
 
 
-def send(ns: str, sender: Path, n: int, rate: int) -> int:
-    return int(float(sh("ip", "netns", "exec", ns, str(sender), str(n), str(rate)).stdout))
+def children_cpu() -> float:
+    """CPU seconds (user + system) of the children waited for so far."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
-def run_ours(ns: str, sender: Path, n: int, rate: int, out: Path) -> tuple[int, int]:
+def send(ns: str, sender: Path, n: int, rate: int) -> tuple[int, float]:
+    """Run the sender; the rate it achieved and its CPU seconds (so readers are charged only theirs)."""
+    before = children_cpu()
+    rate = int(float(sh("ip", "netns", "exec", ns, str(sender), str(n), str(rate)).stdout))
+    return rate, children_cpu() - before
+
+
+def run_ours(ns: str, sender: Path, n: int, rate: int, out: Path) -> tuple[int, int, float]:
+    """Packets captured, rate achieved, and the reader's CPU seconds."""
+    before = children_cpu()
     proc = subprocess.Popen([sys.executable, "-m", "ipsec_capture", "start", "--group", str(GROUP), "-w",
                              str(out), "--netns", ns, "--no-rules", "--json", "--quiet",
                              # packets only, like tcpdump: no kernel event sources, no key file
@@ -78,23 +91,24 @@ def run_ours(ns: str, sender: Path, n: int, rate: int, out: Path) -> tuple[int, 
     try:
         if not proc.stderr.readline().startswith("ready"):
             raise SystemExit(f"ipsec-capture did not start: {proc.stderr.read()}")
-        achieved = send(ns, sender, n, rate)
+        achieved, sender_cpu = send(ns, sender, n, rate)
         time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         stdout, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    return json.loads(stdout)["packets"], achieved
+    return json.loads(stdout)["packets"], achieved, children_cpu() - before - sender_cpu
 
 
-def run_tcpdump(ns: str, sender: Path, n: int, rate: int, out: Path) -> tuple[int, int]:
+def run_tcpdump(ns: str, sender: Path, n: int, rate: int, out: Path) -> tuple[int, int, float]:
+    before = children_cpu()
     proc = subprocess.Popen(["ip", "netns", "exec", ns, "tcpdump", "-i", f"nflog:{GROUP}", "-s", "262144",
                              "-w", str(out)], text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         if "listening" not in proc.stderr.readline():
             raise SystemExit(f"tcpdump did not start: {proc.stderr.read()}")
-        achieved = send(ns, sender, n, rate)
+        achieved, sender_cpu = send(ns, sender, n, rate)
         time.sleep(1.5)  # libpcap leaves the kernel's 1 s batch timeout
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
@@ -102,7 +116,7 @@ def run_tcpdump(ns: str, sender: Path, n: int, rate: int, out: Path) -> tuple[in
         if proc.poll() is None:
             proc.kill()
     m = re.search(r"(\d+) packets? captured", err)
-    return (int(m.group(1)) if m else 0), achieved
+    return (int(m.group(1)) if m else 0), achieved, children_cpu() - before - sender_cpu
 
 
 def main() -> int:
@@ -132,10 +146,11 @@ def main() -> int:
                 best[name] = 0
                 for rate in rates:
                     n = int((rate or 300000) * args.seconds)
-                    got, achieved = runner(ns, sender, n, rate, work / f"{name}.pcap")
+                    got, achieved, cpu = runner(ns, sender, n, rate, work / f"{name}.pcap")
                     lossless = got >= n
                     print(f"{name:14} offered {rate or 'max':>7} achieved {achieved:>7}/s  "
-                          f"captured {got}/{n}  {'lossless' if lossless else 'LOSS'}", flush=True)
+                          f"captured {got}/{n}  {'lossless' if lossless else 'LOSS':8}  "
+                          f"reader CPU {cpu / max(got, 1) * 1e6:.1f} us/pkt", flush=True)
                     if not lossless:
                         break
                     best[name] = max(best[name], achieved)
