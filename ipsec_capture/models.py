@@ -82,7 +82,7 @@ class Event:
             v = getattr(self, name)
             if v is not None and v != {}:
                 d[name] = v
-        return json.dumps(d, separators=(",", ":"), sort_keys=True)
+        return _to_json_line(d)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Event:
@@ -92,3 +92,5 @@ class Event:
 
 
 _EVENT_FIELDS = tuple(f.name for f in fields(Event))
+# one encoder for every event: json.dumps builds a new one per call when given options
+_to_json_line = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
