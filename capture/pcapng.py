@@ -92,12 +92,14 @@ def _ifname_lookup() -> Callable[[int], str]:
 class PcapngWriter:
     """Write Records to a pcapng file: `interface(point)` once per point, then `write(record)`."""
 
-    def __init__(self, path: str | os.PathLike[str], *, linktype: str = "nflog", snaplen: int = 262144,
+    def __init__(self, path: str | os.PathLike[str] | None, *, linktype: str = "nflog", snaplen: int = 262144,
                  application: str = "ipsec-capture", comment: str | None = None,
                  ifname: Callable[[int], str] | None = None) -> None:
+        """`path` None: no file and no section header; blocks collect in memory until `take()`,
+        for a caller that places them in a file itself (xfrm/decrypt_parallel.py)."""
         if linktype not in LINKTYPES:
             raise UserError(f"unknown link type {linktype!r}: choose from {', '.join(LINKTYPES)}")
-        self.path = os.fspath(path)
+        self.path = os.fspath(path) if path is not None else None
         self.linktype = linktype
         self.snaplen = snaplen
         self._nflog = linktype == "nflog"
@@ -110,11 +112,18 @@ class PcapngWriter:
         self.packets = 0
         self.packets_committed = 0  # packets in `committed` (what a crash or full disk keeps)
         self._failed = False
+        self._flush_at = FLUSH_AT
+        if self.path is None:
+            self._fd, self._flush_at = -1, 1 << 62  # in memory: only take() empties it
+            return
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         except OSError as err:
             raise UserError(f"cannot write {self.path}: {err.strerror}") from None
         os.fchmod(self._fd, 0o600)  # an existing file keeps its mode on O_TRUNC
+        self._section_header(application, comment)
+
+    def _section_header(self, application: str, comment: str | None) -> None:
         uname = platform.uname()
         opts = option(SHB_HARDWARE, uname.machine.encode())
         opts += option(SHB_OS, f"{uname.system} {uname.release}".encode())
@@ -133,13 +142,16 @@ class PcapngWriter:
         self._parts.append(block)
         self._pending += len(block)
 
-    def interface(self, name: str, description: str = "") -> int:
-        """Interface id for capture point `name`, adding its IDB the first time."""
+    def interface(self, name: str, description: str = "", emit: bool = True) -> int:
+        """Interface id for capture point `name`, adding its IDB the first time (`emit` False:
+        only the id, for a caller whose IDB goes in another part of the file)."""
         iid = self._ifaces.get(name)
         if iid is not None:
             return iid
         iid = len(self._ifaces)
         self._ifaces[name] = iid
+        if not emit:
+            return iid
         opts = option(IF_NAME, name.encode())
         if description:
             opts += option(IF_DESCRIPTION, description.encode())
@@ -225,7 +237,7 @@ class PcapngWriter:
                       _PAD[caplen & 3], alone, _U32.pack(total))
         self.packets += 1
         self._pending += total
-        if self._pending >= FLUSH_AT:
+        if self._pending >= self._flush_at:
             self.flush()
 
     def flush(self) -> None:
@@ -247,6 +259,15 @@ class PcapngWriter:
             raise
         self.committed += done
         self.packets_committed = self.packets
+
+    def take(self) -> tuple[list[bytes], int]:
+        """The blocks collected since the last take() as their pieces, and their length in
+        bytes; removed from the writer (an in-memory writer's output, for os.pwritev: joining
+        them would allocate and fill the whole block's bytes once more)."""
+        parts, size = self._parts, self._pending
+        self._parts = []
+        self._pending = 0
+        return parts, size
 
     def close(self) -> None:
         if self._fd < 0:

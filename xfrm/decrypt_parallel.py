@@ -1,0 +1,236 @@
+"""`decrypt` on several cores: worker processes decrypt interleaved blocks of packets and write
+them straight into OUT at offsets the parent hands out in packet order.
+
+Why this shape: per packet, reading the capture is cheap (a slice), while decrypting and
+building the pcapng block are the expensive parts, and both are independent per packet. So
+every worker reads the whole file but decrypts only its own blocks (block b belongs to worker
+b mod N), building each in memory. Where a block goes in OUT depends on the sizes of all the
+blocks before it, so a worker tells the parent each block's size, and the parent, which sees
+the sizes arrive, answers with the block's offset as soon as every earlier block's size is
+known; the worker then writes it there (pwrite) and frees it. Packet bytes cross no pipe and
+are written once. A worker keeps at most MAX_PENDING built blocks waiting for their offsets.
+
+Interfaces: every worker sees every packet's capture point in file order, so all number the
+points alike; the worker whose block holds a point's first packet writes its IDB, right before
+that packet, as one process would. The output is the one-process output, byte for byte.
+
+ESN: each worker infers high bits from the SA's replay state and follows the sequence numbers
+it sees; skipping the other workers' blocks only moves it forward within the same 2^32
+subspace or into the next, which the inference handles (and the ICV check confirms).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+
+from ipsec_capture.capture.pcapng import PcapngWriter
+from ipsec_capture.capture.pcapread import read_records
+from ipsec_capture.xfrm.decrypt import DecryptSummary, decrypt_to_writer
+from ipsec_capture.xfrm.esp import EspDecoder
+
+from ipsec_capture.errors import UserError
+from ipsec_capture.models import Record
+
+BLOCK = 4096  # packets per block: a few hundred messages per million packets
+MAX_PENDING = 3  # built blocks a worker holds while it waits for their offsets
+PARALLEL_FROM = 32 << 20  # bytes of input below which one process is as fast (startup)
+MAX_AUTO_JOBS = 4
+IOV_MAX = os.sysconf("SC_IOV_MAX")
+PROGRESS_EVERY = 50_000
+
+Progress = Callable[[int, int], None]  # (packets done, ok so far)
+PointNamer = Callable[[PcapngWriter], Callable[..., object]]
+
+
+def auto_jobs(path: str | os.PathLike[str]) -> int:
+    """Processes for `--jobs 0`: the usable cores (up to 4) for a large file, else one."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return 1
+    if size < PARALLEL_FROM:
+        return 1
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_AUTO_JOBS))
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def write_parts(fd: int, parts: list[bytes], offset: int) -> None:
+    """Write `parts` one after the other at `offset`: os.pwritev, IOV_MAX pieces a call."""
+    for start in range(0, len(parts), IOV_MAX):
+        group = parts[start:start + IOV_MAX]
+        want = sum(map(len, group))
+        done = os.pwritev(fd, group, offset)
+        if done < want:  # short write (rare on a regular file): the rest piece by piece
+            rest = memoryview(b"".join(group))[done:]
+            while rest:
+                n = os.pwrite(fd, rest, offset + done)
+                rest, done = rest[n:], done + n
+        offset += want
+
+
+class _Worker:
+    """One worker process's side: build its blocks, announce their sizes, write them where the
+    parent says. Messages to the parent: ("size", block, bytes, packets, ok), ("done", records
+    seen, summary) or ("error", text); from the parent: (block, offset)."""
+
+    def __init__(self, k: int, jobs: int, block: int, out: str, conn: Connection) -> None:
+        self.k, self.jobs, self.block, self.conn = k, jobs, block, conn
+        self.fd = os.open(out, os.O_WRONLY | os.O_CLOEXEC)
+        self.pending: dict[int, list[bytes]] = {}
+        self.summary = DecryptSummary()
+        self.seen = 0  # records in the file (every worker reads them all)
+        self._counted = (0, 0)  # packets and ok of the summary at the last block's end
+
+    def blocks(self, records: Iterable[Record], writer: PcapngWriter, new_point: Callable[..., object]
+               ) -> Iterator[Record]:
+        """The records of this worker's blocks; every record's point is numbered, in file order.
+        A block is complete when the next record is asked for (the consumer writes each record
+        before it asks for the next)."""
+        last: str | None = None
+        mine = False
+        b = i = -1
+        for i, rec in enumerate(records):
+            if i % self.block == 0:
+                if mine:
+                    self._finished(b, writer)
+                b = i // self.block
+                mine = b % self.jobs == self.k
+            if rec.point != last:
+                last = rec.point
+                new_point(last, mine)
+            if mine:
+                yield rec
+        if mine:
+            self._finished(b, writer)
+        self.seen = i + 1
+
+    def _finished(self, b: int, writer: PcapngWriter) -> None:
+        parts, size = writer.take()
+        ok = self.summary.totals().get("ok", 0)
+        packets = self.summary.packets
+        self.conn.send(("size", b, size, packets - self._counted[0], ok - self._counted[1]))
+        self._counted = (packets, ok)
+        self.pending[b] = parts
+        self._place(block=len(self.pending) > MAX_PENDING)
+
+    def _place(self, block: bool) -> None:
+        """Write the blocks whose offsets have come (waiting for one if `block`)."""
+        while self.conn.poll(None if block else 0):
+            b, offset = self.conn.recv()
+            write_parts(self.fd, self.pending.pop(b), offset)
+            block = len(self.pending) > MAX_PENDING
+
+    def finish(self) -> None:
+        while self.pending:
+            self._place(block=True)
+        os.close(self.fd)
+        self.conn.send(("done", self.seen, self.summary))
+
+
+def _work(path: str, k: int, jobs: int, block: int, decoder: EspDecoder, out: str,
+          name_points: PointNamer, conn: Connection) -> None:
+    """A worker process's whole life; any failure goes to the parent as one line."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C ends
+    try:
+        worker = _Worker(k, jobs, block, out, conn)
+        writer = PcapngWriter(None, linktype="raw")
+        # every worker reads the same file: one of them gives its warnings
+        records = read_records(path, borrow=True) if k == 0 else read_records(path, _quiet, borrow=True)
+        decrypt_to_writer(worker.blocks(records, writer, name_points(writer)), decoder, worker.summary,
+                          writer, None)
+        worker.finish()
+    except UserError as err:
+        conn.send(("error", str(err)))
+    except OSError as err:
+        conn.send(("error", f"cannot write {out}: {err.strerror or err}"))
+    except Exception as err:  # reported by the parent as one line, not lost with the process
+        conn.send(("error", f"decrypt worker {k} failed: {type(err).__name__}: {err}"))
+    finally:
+        conn.close()
+
+
+def _merge(summaries: list[DecryptSummary]) -> DecryptSummary:
+    total = DecryptSummary()
+    for s in summaries:
+        total.packets += s.packets
+        total.not_esp += s.not_esp
+        for key, tally in s.per_sa.items():
+            have = total.per_sa.get(key)
+            if have is None:
+                total.per_sa[key] = replace(tally, counts=dict(tally.counts))
+            else:
+                for status, n in tally.counts.items():
+                    have.counts[status] = have.counts.get(status, 0) + n
+    return total
+
+
+def decrypt_parallel(path: str, decoder: EspDecoder, out: str, jobs: int, name_points: PointNamer, *,
+                     block: int = BLOCK, progress: Progress | None = None) -> DecryptSummary:
+    """Decrypt `path` into the raw-IP pcapng `out` with `jobs` processes: the file and counts
+    one process gives. `name_points(writer)` returns the function that gives a capture point
+    its interface. On failure OUT is removed (it would have gaps) and UserError says why."""
+    with PcapngWriter(out, linktype="raw") as head:  # the section header; blocks follow it
+        head.flush()
+        end = head.committed
+    ctx = multiprocessing.get_context("fork")  # workers inherit the decoder (keys, ciphers) as built
+    procs, conns = [], []
+    ok = False
+    try:
+        for k in range(jobs):
+            parent_end, child_end = ctx.Pipe()
+            proc = ctx.Process(target=_work, name=f"decrypt-{k}", daemon=True,
+                               args=(path, k, jobs, block, decoder, out, name_points, child_end))
+            proc.start()
+            child_end.close()
+            procs.append(proc)
+            conns.append(parent_end)
+        sizes: dict[int, int] = {}
+        next_block, done, reported, packets, oks = 0, {}, 0, 0, 0
+        while len(done) < jobs:
+            for conn in wait([c for k, c in enumerate(conns) if k not in done]):
+                k = conns.index(conn)  # type: ignore[arg-type]
+                try:
+                    msg = conn.recv()  # type: ignore[union-attr]
+                except EOFError:
+                    procs[k].join(5)
+                    raise UserError(f"decrypt worker {k} died (exit status {procs[k].exitcode})") from None
+                if msg[0] == "error":
+                    raise UserError(msg[1])
+                if msg[0] == "done":
+                    done[k] = msg[1:]
+                    continue
+                _, b, size, n, n_ok = msg
+                sizes[b] = size
+                packets, oks = packets + n, oks + n_ok
+                while next_block in sizes:  # every earlier block is placed: this one goes next
+                    with contextlib.suppress(BrokenPipeError):  # its worker failed: its error is coming
+                        conns[next_block % jobs].send((next_block, end))
+                    end += sizes.pop(next_block)
+                    next_block += 1
+                if progress is not None and packets >= reported + PROGRESS_EVERY:
+                    reported = packets - packets % PROGRESS_EVERY
+                    progress(packets, oks)
+        if sizes or len({seen for seen, _ in done.values()}) != 1:
+            raise UserError(f"{path} changed while it was being decrypted: run decrypt again")
+        os.truncate(out, end)
+        ok = True
+        return _merge([done[k][1] for k in range(jobs)])
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+        for conn in conns:
+            conn.close()
+        if not ok:
+            Path(out).unlink(missing_ok=True)
