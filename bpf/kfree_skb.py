@@ -53,6 +53,12 @@ def reason_names(format_text: str) -> dict[int, str]:
     return {int(n): name for n, name in _SYMBOLIC.findall(format_text)}
 
 
+# Drop reasons (name prefixes) raised by socket, transport, neighbour and qdisc code, never by
+# xfrm/esp/ah code: such a drop is never one is_xfrm_drop keeps, so the kprobe program can
+# leave them in the kernel (a receiver with a full socket buffer drops every packet).
+NOT_IPSEC_REASONS = ("SOCKET_", "TCP_", "UDP_", "NO_SOCKET", "OTHERHOST", "QDISC_", "NEIGH_", "PROTO_MEM")
+
+
 def is_xfrm_drop(reason: str | None, location: str) -> bool:
     """A drop IPsec explains: an XFRM* reason, or freed inside xfrm/esp/ah code."""
     if reason and reason.startswith("XFRM"):

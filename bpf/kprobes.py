@@ -10,6 +10,7 @@ source "kfree_skb" (as the tracefs source does), every other probe with source "
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import os
 import socket
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ipsec_capture.bpf.kallsyms import Kallsyms
-from ipsec_capture.bpf.kfree_skb import EVENT_DIR, Tracefs, is_xfrm_drop, reason_names
+from ipsec_capture.bpf.kfree_skb import EVENT_DIR, NOT_IPSEC_REASONS, Tracefs, is_xfrm_drop, reason_names
 
 from ipsec_capture.errors import UserError
 from ipsec_capture.models import Event
@@ -183,14 +184,17 @@ class KprobeSource:
                     self.bpf.cleanup()
                     raise UserError(f"cannot attach a kprobe to {event}: {err}") from err
                 self.missing.append(event)
+        if not self.keep_all_drops:
+            skip = self.bpf["skip_reason"]
+            for number, name in self._reasons.items():
+                if 0 <= number < len(skip) and name.startswith(NOT_IPSEC_REASONS):
+                    skip[ctypes.c_int(number)] = ctypes.c_ubyte(1)
         self.bpf["events"].open_perf_buffer(self._on_sample, page_cnt=self.page_cnt, lost_cb=self._on_lost)
 
     def _on_lost(self, n: int) -> None:
         self.lost += n
 
     def _on_sample(self, _cpu: int, data: Any, size: int) -> None:
-        import ctypes
-
         raw = ctypes.string_at(data, min(size, EVENT_SIZE))
         if len(raw) < EVENT_SIZE:
             return

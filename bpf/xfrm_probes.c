@@ -69,6 +69,10 @@ BPF_PERCPU_ARRAY(scratch, struct ipsec_event, 1);
 BPF_HASH(in_flight, u64, struct ipsec_event, 4096);
 BPF_HASH(out_flight, u64, struct ipsec_event, 4096);
 BPF_HASH(out_state, u64, u64, 4096);
+/* drop reasons that socket, transport, neighbour or qdisc code raises, never xfrm/esp/ah code:
+   set by user space from this kernel's enum; such drops (a receiver's full socket buffer: one
+   per packet) never leave the kernel */
+BPF_ARRAY(skip_reason, u8, 1024);
 
 static __always_inline struct ipsec_event *blank(void)
 {
@@ -346,6 +350,10 @@ int kp_replay_overflow(struct pt_regs *ctx, struct xfrm_state *x, struct sk_buff
 
 TRACEPOINT_PROBE(skb, kfree_skb)
 {
+    u32 reason = args->reason;
+    u8 *skip = skip_reason.lookup(&reason);
+    if (skip && *skip)
+        return 0;
     struct ipsec_event *e = blank();
     struct net_device *dev = NULL;
     if (!e)
