@@ -5,13 +5,15 @@
 In a gcm lab (ESP transport, AES-GCM-128) a UDP blaster in the left host sends 1000-byte
 datagrams to the right host as fast as it can for `seconds`; the rate is what the receiver's
 kernel decrypted (its inbound SA's packet counter, `ip -s xfrm state`), so the number is the
-IPsec path's throughput, not a Python receiver's. Rounds run without kernel events, then with
-`ipsec-capture events --kernel-events kprobe` attached to the receiver's namespace (kprobes on
-xfrm_input/xfrm_output, the audit anchors and skb:kfree_skb, all global), then without again.
-The traffic runs on the VM's first CPU and the events process on the other (as on a real host,
-where the consumer does not share the core carrying the packets), and the consumer's own CPU use
-is printed. It prints the median rate of each phase and the overhead on/off (target: under 5%).
-Not a test: under TCG the absolute rates mean little, the ratio is the point.
+IPsec path's throughput, not a Python receiver's. A consumer process runs what `start` runs for
+kernel events (KprobeSource writing the events log, filtered to the receiver's namespace: kprobes
+on xfrm_input/xfrm_output, the audit anchors, skb:kfree_skb), compiled once. Each round runs
+three phases back to back, their order rotating (a drift of the rate over time cancels): probes
+detached, attached, and attached with the consumer stopped (the probes' kernel-side cost alone).
+The traffic runs on the VM's first CPU and the consumer on the other (as on a real host, where
+the consumer does not share the core carrying the packets), and the consumer's own CPU use is
+printed. It prints the median rate of each phase and the overhead (target: under 5%). Not a
+test: under TCG the absolute rates mean little, the ratio is the point.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import time
 from pathlib import Path
 
 PREFIX = "bench"
+TRACEPOINT = "skb:kfree_skb"
+TRACEPOINT_FN = "tracepoint__skb__kfree_skb"  # the name bcc gives TRACEPOINT_PROBE(skb, kfree_skb)
 PORT = 5600
 SIZE = 1000
 
@@ -67,54 +71,111 @@ def blast(state, seconds: float) -> int:
     return sa_packets(state.right).get(spi, 0) - before
 
 
+def consumer(netns: str, log: Path) -> int:
+    """The events side, in its own process: the product's KprobeSource writing the product's
+    events log, compiled once; on stdin `off` detaches every probe and `on` attaches them again
+    (no recompile), each answered `ok` on stdout, so the rounds can alternate."""
+    from ipsec_capture.bpf.eventlog import EventLogWriter, clock_offsets, make_header
+    from ipsec_capture.bpf.kprobes import PROBES, KprobeSource
+
+    from ipsec_capture.netns import netns_inode
+
+    writer = EventLogWriter(log, make_header())
+    source = KprobeSource(clock_offsets()["wall_minus_mono_ns"], netns_inode(netns))
+    source.start(writer.write)
+    bpf = source.bpf
+    wanted = [(event, fn, ret) for event, fn, ret, _ in PROBES if event not in source.missing]
+    print(f"ready {source.compile_s:.1f}", flush=True)
+    attached = True
+    for line in sys.stdin:
+        want = line.strip() == "on"
+        if want == attached:
+            pass
+        elif not want:
+            for event, fn, ret in wanted:
+                (bpf.detach_kretprobe if ret else bpf.detach_kprobe)(event=event, fn_name=fn)
+            bpf.detach_tracepoint(tp=TRACEPOINT)
+        else:
+            for event, fn, ret in wanted:
+                (bpf.attach_kretprobe if ret else bpf.attach_kprobe)(event=event, fn_name=fn)
+            bpf.attach_tracepoint(tp=TRACEPOINT, fn_name=TRACEPOINT_FN)
+        attached = want
+        print("ok", flush=True)
+    source.stop()
+    writer.close()
+    return 0
+
+
 def here(seconds: float, rounds: int, out: Path) -> dict:
     from ipsec_capture.lab import scenarios
 
     scenarios.teardown(PREFIX)
     state = scenarios.up("gcm", PREFIX)
-    phases: dict[str, list[float]] = {"off": [], "kprobes": [], "off-after": []}
+    phases: dict[str, list[float]] = {"off": [], "kprobes": [], "probes only": []}
     cpus = sorted(os.sched_getaffinity(0))
     # The traffic (blaster and the softirqs it raises) on the first CPU, the events process on
     # the others: on a real host the consumer does not share the core that carries the packets,
     # and what is measured is then the probes' cost on the IPsec path itself.
     traffic_cpu, consumer_cpus = {cpus[0]}, set(cpus[1:]) or {cpus[0]}
     os.sched_setaffinity(0, traffic_cpu)
+    # the log on the guest's tmpfs: in `out` (the host's, over 9p) every write would wake a QEMU
+    # I/O thread on the host cores that also run the vCPUs
+    log = Path("/dev/shm/bench-kprobes.events.jsonl")
+    argv = [sys.executable, "-m", "bench.kprobes", "--consumer", state.right, "--out", str(log)]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: os.sched_setaffinity(0, consumer_cpus))
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def command(word: str) -> None:
+        proc.stdin.write(word + "\n")
+        proc.stdin.flush()
+        if proc.stdout.readline().strip() != "ok":
+            raise RuntimeError(f"the consumer did not take {word!r} (exit {proc.poll()})")
+
     try:
-        blast(state, 3.0)  # warm up (ARP, route caches)
-        for _ in range(rounds):
-            phases["off"].append(blast(state, seconds) / seconds)
-        # the log on the guest's tmpfs: in `out` (the host's, over 9p) every write would wake a
-        # QEMU I/O thread on the host cores that also run the vCPUs
-        log = Path("/dev/shm/bench-kprobes.events.jsonl")
         t0 = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-m", "ipsec_capture", "events", "-w", str(log), "--netns",
-                                 state.right, "--kernel-events", "kprobe"],
-                                stderr=subprocess.PIPE, text=True,
-                                preexec_fn=lambda: os.sched_setaffinity(0, consumer_cpus))
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if line.startswith("ready"):
-                break
-        else:
-            raise RuntimeError(f"events never got ready (exit {proc.wait()})")
+        ready = proc.stdout.readline()
+        if not ready.startswith("ready"):
+            raise RuntimeError(f"the kprobe consumer never got ready (exit {proc.wait()})")
         attach_s = time.monotonic() - t0
-        cpu_before, t_before = process_cpu(proc.pid), time.monotonic()
-        for _ in range(rounds):
-            phases["kprobes"].append(blast(state, seconds) / seconds)
-        consumer_load = (process_cpu(proc.pid) - cpu_before) / (time.monotonic() - t_before)
-        proc.send_signal(signal.SIGINT)
-        tail = proc.communicate(timeout=120)[1]
-        for _ in range(rounds):
-            phases["off-after"].append(blast(state, seconds) / seconds)
+        command("off")
+        blast(state, 3.0)  # warm up (ARP, route caches)
+        cpu_on = time_on = 0.0
+        # The phases rotate each round (a drift of the rate over time cancels). "probes only":
+        # attached, the consumer stopped (SIGSTOP): the kernel-side cost alone, its perf buffer
+        # filling up and then dropping samples, no process to wake.
+        order = ("off", "kprobes", "probes only")
+        for r in range(rounds):
+            for phase in order[r % 3:] + order[:r % 3]:
+                command("off" if phase == "off" else "on")
+                if phase == "probes only":
+                    proc.send_signal(signal.SIGSTOP)
+                cpu0, t = process_cpu(proc.pid), time.monotonic()
+                phases[phase].append(blast(state, seconds) / seconds)
+                if phase == "kprobes":
+                    cpu_on += process_cpu(proc.pid) - cpu0
+                    time_on += time.monotonic() - t
+                if phase == "probes only":
+                    proc.send_signal(signal.SIGCONT)
+        proc.stdin.close()
+        proc.wait(timeout=120)
     finally:
+        if proc.poll() is None:
+            proc.kill()
         scenarios.teardown(PREFIX)
-    off = statistics.median(phases["off"] + phases["off-after"])
+    events = sum(1 for _ in log.open()) - 1
+    log.unlink()
+    off = statistics.median(phases["off"])
     on = statistics.median(phases["kprobes"])
+    # each round's phases ran back to back: their differences have the least drift in them
+    paired = {name: [round(100 * (a - b) / a, 1) for a, b in zip(phases["off"], phases[name], strict=True)
+                     if a] for name in ("kprobes", "probes only")}
     return {"phases": phases, "median_off_pps": round(off), "median_kprobes_pps": round(on),
             "overhead_pct": round(100 * (off - on) / off, 1) if off else None,
-            "attach_s": round(attach_s, 1), "events_summary": tail.strip().splitlines()[-1:],
-            "consumer_cpu": round(consumer_load, 2), "traffic_cpu": sorted(traffic_cpu),
-            "consumer_cpus": sorted(consumer_cpus)}
+            "paired_pct": paired,
+            "attach_s": round(attach_s, 1), "events": events,
+            "consumer_cpu": round(cpu_on / time_on, 2) if time_on else None,
+            "traffic_cpu": sorted(traffic_cpu), "consumer_cpus": sorted(consumer_cpus)}
 
 
 def process_cpu(pid: int) -> float:
@@ -128,8 +189,11 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--here", action="store_true", help="run on this kernel (it must do ESP)")
+    ap.add_argument("--consumer", metavar="NETNS", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.consumer:
+        return consumer(args.consumer, Path(args.out))
     if args.here:
         out = Path(args.out or tempfile.mkdtemp(prefix="bench-kprobes-"))
         result = here(args.seconds, args.rounds, out)
@@ -148,11 +212,14 @@ def main() -> int:
     res = json.loads((out / "bench-kprobes.json").read_text())
     print("kprobe overhead on the IPsec path (lab VM, TCG; ESP AES-GCM-128, 1000-byte UDP, left -> right)")
     for name, rates in res["phases"].items():
-        print(f"  {name:<10} " + "  ".join(f"{r:8.0f} pkt/s" for r in rates))
+        print(f"  {name:<11} " + "  ".join(f"{r:8.0f} pkt/s" for r in rates))
     print(f"  median without kprobes {res['median_off_pps']} pkt/s, with {res['median_kprobes_pps']} pkt/s: "
           f"overhead {res['overhead_pct']}% (target < 5%); attach took {res['attach_s']} s (bcc compile)")
-    print(f"  traffic on CPU {res['traffic_cpu']}, the events process on CPU {res['consumer_cpus']} "
-          f"used {res['consumer_cpu']:.2f} CPU while the kprobes were attached")
+    for name, paired in res["paired_pct"].items():
+        print(f"  {name} vs off, per round: {', '.join(f'{p:+.1f}%' for p in paired)}; "
+              f"mean {statistics.mean(paired):+.1f}%")
+    print(f"  traffic on CPU {res['traffic_cpu']}, the consumer (KprobeSource writing the events log) on CPU "
+          f"{res['consumer_cpus']}: {res['consumer_cpu']} CPU while attached, {res['events']} events")
     return 0
 
 
