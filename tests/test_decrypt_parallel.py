@@ -138,3 +138,31 @@ def test_a_cut_file_warns_once_and_keeps_every_whole_packet(tmp_path: Path,
     err = capfd.readouterr().err
     assert err.count("warning:") == 1 and "cut short" in err, err
     assert packets_of(many) == packets_of(one) and len(packets_of(one)) == 66
+
+
+def test_sigterm_stops_the_workers_and_leaves_out_as_it_was(tmp_path: Path) -> None:
+    """The blocks land out of order, so OUT appears only when whole: SIGTERM mid-way (sent on the
+    first progress line) leaves the earlier OUT untouched, no partial file and no worker."""
+    import signal
+    import sys
+
+    from ipsec_capture.xfrm.esp_sa import write_esp_sa
+
+    from bench.decrypt import build
+
+    pcap, keys, out = tmp_path / "big.pcap", tmp_path / "big.esp_sa", tmp_path / "out.pcapng"
+    keys.write_text(write_esp_sa([build(pcap, "gcm", 200_000, 120)], 8))
+    out.write_bytes(b"the earlier file")
+    argv = [sys.executable, "-m", "ipsec_capture", "decrypt", str(pcap), "--keys", str(keys), "-w", str(out),
+            "-j", "2"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    assert line.startswith("decrypt: ") and int(line.split()[1]) < 200_000, line + proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert out.read_bytes() == b"the earlier file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.esp_sa", "big.pcap", "out.pcapng"]
+    ps = subprocess.run(["pgrep", "-f", f"decrypt {pcap}"], capture_output=True, text=True)
+    assert ps.stdout.strip() == "", "a worker outlived its parent"

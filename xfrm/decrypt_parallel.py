@@ -22,6 +22,7 @@ subspace or into the next, which the inference handles (and the ICV check confir
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing
 import os
 import signal
@@ -44,6 +45,7 @@ PARALLEL_FROM = 32 << 20  # bytes of input below which one process is as fast (s
 MAX_AUTO_JOBS = 4
 IOV_MAX = os.sysconf("SC_IOV_MAX")
 PROGRESS_EVERY = 50_000
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 Progress = Callable[[int, int], None]  # (packets done, ok so far)
 PointNamer = Callable[[PcapngWriter], Callable[..., object]]
@@ -141,6 +143,8 @@ def _work(path: str, k: int, jobs: int, block: int, decoder: EspDecoder, out: st
           name_points: PointNamer, conn: Connection) -> None:
     """A worker process's whole life; any failure goes to the parent as one line."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C ends
+    with contextlib.suppress(OSError, AttributeError):  # and a parent killed outright takes us along
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     try:
         worker = _Worker(k, jobs, block, out, conn)
         writer = PcapngWriter(None, linktype="raw")
@@ -157,6 +161,11 @@ def _work(path: str, k: int, jobs: int, block: int, decoder: EspDecoder, out: st
         conn.send(("error", f"decrypt worker {k} failed: {type(err).__name__}: {err}"))
     finally:
         conn.close()
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    """SIGTERM while workers run: unwind like Ctrl-C, so they are stopped and no partial file stays."""
+    raise SystemExit(128 + signum)
 
 
 def _merge(summaries: list[DecryptSummary]) -> DecryptSummary:
@@ -178,18 +187,23 @@ def decrypt_parallel(path: str, decoder: EspDecoder, out: str, jobs: int, name_p
                      block: int = BLOCK, progress: Progress | None = None) -> DecryptSummary:
     """Decrypt `path` into the raw-IP pcapng `out` with `jobs` processes: the file and counts
     one process gives. `name_points(writer)` returns the function that gives a capture point
-    its interface. On failure OUT is removed (it would have gaps) and UserError says why."""
-    with PcapngWriter(out, linktype="raw") as head:  # the section header; blocks follow it
+    its interface. The blocks land out of order, so the file is written under a temporary name
+    beside OUT and renamed when whole: a failure, Ctrl-C or SIGTERM leaves OUT as it was (and
+    UserError says why); only SIGKILL can leave the hidden `.OUT.partial-PID` behind."""
+    target = Path(out)
+    partial = str(target.with_name(f".{target.name}.partial-{os.getpid()}"))
+    with PcapngWriter(partial, linktype="raw") as head:  # the section header; blocks follow it
         head.flush()
         end = head.committed
     ctx = multiprocessing.get_context("fork")  # workers inherit the decoder (keys, ciphers) as built
     procs, conns = [], []
     ok = False
+    old_term = signal.signal(signal.SIGTERM, _terminated)
     try:
         for k in range(jobs):
             parent_end, child_end = ctx.Pipe()
             proc = ctx.Process(target=_work, name=f"decrypt-{k}", daemon=True,
-                               args=(path, k, jobs, block, decoder, out, name_points, child_end))
+                               args=(path, k, jobs, block, decoder, partial, name_points, child_end))
             proc.start()
             child_end.close()
             procs.append(proc)
@@ -222,7 +236,8 @@ def decrypt_parallel(path: str, decoder: EspDecoder, out: str, jobs: int, name_p
                     progress(packets, oks)
         if sizes or len({seen for seen, _ in done.values()}) != 1:
             raise UserError(f"{path} changed while it was being decrypted: run decrypt again")
-        os.truncate(out, end)
+        os.truncate(partial, end)
+        os.replace(partial, out)
         ok = True
         return _merge([done[k][1] for k in range(jobs)])
     finally:
@@ -232,5 +247,6 @@ def decrypt_parallel(path: str, decoder: EspDecoder, out: str, jobs: int, name_p
             proc.join()
         for conn in conns:
             conn.close()
+        signal.signal(signal.SIGTERM, old_term)
         if not ok:
-            Path(out).unlink(missing_ok=True)
+            Path(partial).unlink(missing_ok=True)
