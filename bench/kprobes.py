@@ -71,7 +71,7 @@ def blast(state, seconds: float) -> int:
     return sa_packets(state.right).get(spi, 0) - before
 
 
-def consumer(netns: str, log: Path) -> int:
+def consumer(netns: str, log: Path, empty: bool = False) -> int:
     """The events side, in its own process: the product's KprobeSource writing the product's
     events log, compiled once; on stdin `off` detaches every probe and `on` attaches them again
     (no recompile), each answered `ok` on stdout, so the rounds can alternate."""
@@ -81,11 +81,25 @@ def consumer(netns: str, log: Path) -> int:
     from ipsec_capture.netns import netns_inode
 
     writer = EventLogWriter(log, make_header())
-    source = KprobeSource(clock_offsets()["wall_minus_mono_ns"], netns_inode(netns))
-    source.start(writer.write)
-    bpf = source.bpf
-    wanted = [(event, fn, ret) for event, fn, ret, _ in PROBES if event not in source.missing]
-    print(f"ready {source.compile_s:.1f}", flush=True)
+    if empty:
+        # the same attach points, every program `return 0`: what the probe mechanism costs alone
+        from bcc import BPF
+
+        text = "#include <uapi/linux/ptrace.h>\n#include <linux/skbuff.h>\n" + "".join(
+            f"int {fn}(struct pt_regs *ctx) {{ return 0; }}\n" for _, fn, _, _ in PROBES)
+        bpf = BPF(text=text + "TRACEPOINT_PROBE(skb, kfree_skb) { return 0; }\n")
+        wanted = []
+        for event, fn, ret, _ in PROBES:
+            with contextlib.suppress(Exception):  # an anchor this kernel lacks
+                (bpf.attach_kretprobe if ret else bpf.attach_kprobe)(event=event, fn_name=fn)
+                wanted.append((event, fn, ret))
+        source = None
+    else:
+        source = KprobeSource(clock_offsets()["wall_minus_mono_ns"], netns_inode(netns))
+        source.start(writer.write)
+        bpf = source.bpf
+        wanted = [(event, fn, ret) for event, fn, ret, _ in PROBES if event not in source.missing]
+    print("ready", flush=True)
     attached = True
     for line in sys.stdin:
         want = line.strip() == "on"
@@ -101,12 +115,13 @@ def consumer(netns: str, log: Path) -> int:
             bpf.attach_tracepoint(tp=TRACEPOINT, fn_name=TRACEPOINT_FN)
         attached = want
         print("ok", flush=True)
-    source.stop()
+    if source is not None:
+        source.stop()
     writer.close()
     return 0
 
 
-def here(seconds: float, rounds: int, out: Path) -> dict:
+def here(seconds: float, rounds: int, out: Path, empty: bool = False) -> dict:
     from ipsec_capture.lab import scenarios
 
     scenarios.teardown(PREFIX)
@@ -121,7 +136,8 @@ def here(seconds: float, rounds: int, out: Path) -> dict:
     # the log on the guest's tmpfs: in `out` (the host's, over 9p) every write would wake a QEMU
     # I/O thread on the host cores that also run the vCPUs
     log = Path("/dev/shm/bench-kprobes.events.jsonl")
-    argv = [sys.executable, "-m", "bench.kprobes", "--consumer", state.right, "--out", str(log)]
+    argv = [sys.executable, "-m", "bench.kprobes", "--consumer", state.right, "--out", str(log),
+            *(["--empty"] if empty else [])]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             preexec_fn=lambda: os.sched_setaffinity(0, consumer_cpus))
     assert proc.stdin is not None and proc.stdout is not None
@@ -190,13 +206,15 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--here", action="store_true", help="run on this kernel (it must do ESP)")
     ap.add_argument("--consumer", metavar="NETNS", help=argparse.SUPPRESS)
+    ap.add_argument("--empty", action="store_true",
+                    help="attach programs that do nothing to the same points: the mechanism's cost alone")
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.consumer:
-        return consumer(args.consumer, Path(args.out))
+        return consumer(args.consumer, Path(args.out), args.empty)
     if args.here:
         out = Path(args.out or tempfile.mkdtemp(prefix="bench-kprobes-"))
-        result = here(args.seconds, args.rounds, out)
+        result = here(args.seconds, args.rounds, out, args.empty)
         (out / "bench-kprobes.json").write_text(json.dumps(result))
         print(json.dumps(result), flush=True)
         return 0
@@ -205,12 +223,14 @@ def main() -> int:
     out = Path(tempfile.mkdtemp(prefix="bench-kprobes-"))
     with LabVM(memory="2G", cpus=2, rw=[str(out)]) as vm:
         r = vm.run([sys.executable, "-m", "bench.kprobes", "--here", "--out", str(out), "--seconds",
-                    str(args.seconds), "--rounds", str(args.rounds)], timeout=1800)
+                    str(args.seconds), "--rounds", str(args.rounds), *(["--empty"] if args.empty else [])],
+                   timeout=1800)
     if r.rc != 0:
         print(r.stdout, r.stderr, file=sys.stderr)
         return 1
     res = json.loads((out / "bench-kprobes.json").read_text())
-    print("kprobe overhead on the IPsec path (lab VM, TCG; ESP AES-GCM-128, 1000-byte UDP, left -> right)")
+    print("kprobe overhead on the IPsec path (lab VM, TCG; ESP AES-GCM-128, 1000-byte UDP, left -> right)"
+          + (": EMPTY programs at the same points" if args.empty else ""))
     for name, rates in res["phases"].items():
         print(f"  {name:<11} " + "  ".join(f"{r:8.0f} pkt/s" for r in rates))
     print(f"  median without kprobes {res['median_off_pps']} pkt/s, with {res['median_kprobes_pps']} pkt/s: "
