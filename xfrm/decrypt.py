@@ -67,6 +67,22 @@ class DecryptSummary:
             tally = self.per_sa[key] = _tally(result, packet)
         return tally.counts
 
+    @classmethod
+    def merged(cls, parts: Iterable[DecryptSummary]) -> DecryptSummary:
+        """One summary of several (the shares of parallel workers), per SA and overall."""
+        total = cls()
+        for s in parts:
+            total.packets += s.packets
+            total.not_esp += s.not_esp
+            for key, tally in s.per_sa.items():
+                have = total.per_sa.get(key)
+                if have is None:
+                    total.per_sa[key] = replace(tally, counts=dict(tally.counts))
+                else:
+                    for status, n in tally.counts.items():
+                        have.counts[status] = have.counts.get(status, 0) + n
+        return total
+
     def totals(self) -> dict[str, int]:
         out = dict.fromkeys(STATUSES, 0)
         out[NOT_ESP] = self.not_esp

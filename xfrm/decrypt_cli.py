@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if jobs > 1:
             summary = decrypt_parallel(args.input, decoder, args.write, jobs, point_namer,
-                                       progress=None if args.quiet else progress)
+                                       progress=None if args.quiet else progress, every=PROGRESS_EVERY)
         else:
             def tick(s: DecryptSummary) -> None:
                 progress(s.packets, s.totals().get("ok", 0))

@@ -27,7 +27,6 @@ import multiprocessing
 import os
 import signal
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
@@ -44,7 +43,6 @@ MAX_PENDING = 3  # built blocks a worker holds while it waits for their offsets
 PARALLEL_FROM = 32 << 20  # bytes of input below which one process is as fast (startup)
 MAX_AUTO_JOBS = 4
 IOV_MAX = os.sysconf("SC_IOV_MAX")
-PROGRESS_EVERY = 50_000
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 Progress = Callable[[int, int], None]  # (packets done, ok so far)
@@ -168,26 +166,13 @@ def _terminated(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def _merge(summaries: list[DecryptSummary]) -> DecryptSummary:
-    total = DecryptSummary()
-    for s in summaries:
-        total.packets += s.packets
-        total.not_esp += s.not_esp
-        for key, tally in s.per_sa.items():
-            have = total.per_sa.get(key)
-            if have is None:
-                total.per_sa[key] = replace(tally, counts=dict(tally.counts))
-            else:
-                for status, n in tally.counts.items():
-                    have.counts[status] = have.counts.get(status, 0) + n
-    return total
-
-
 def decrypt_parallel(path: str, decoder: EspDecoder, out: str, jobs: int, name_points: PointNamer, *,
-                     block: int = BLOCK, progress: Progress | None = None) -> DecryptSummary:
+                     block: int = BLOCK, progress: Progress | None = None, every: int = 50_000
+                     ) -> DecryptSummary:
     """Decrypt `path` into the raw-IP pcapng `out` with `jobs` processes: the file and counts
     one process gives. `name_points(writer)` returns the function that gives a capture point
-    its interface. The blocks land out of order, so the file is written under a temporary name
+    its interface; `progress` is called about every `every` packets, as decrypt_to_writer does.
+    The blocks land out of order, so the file is written under a temporary name
     beside OUT and renamed when whole: a failure, Ctrl-C or SIGTERM leaves OUT as it was (and
     UserError says why); only SIGKILL can leave the hidden `.OUT.partial-PID` behind."""
     target = Path(out)
@@ -231,15 +216,15 @@ def decrypt_parallel(path: str, decoder: EspDecoder, out: str, jobs: int, name_p
                         conns[next_block % jobs].send((next_block, end))
                     end += sizes.pop(next_block)
                     next_block += 1
-                if progress is not None and packets >= reported + PROGRESS_EVERY:
-                    reported = packets - packets % PROGRESS_EVERY
+                if progress is not None and packets >= reported + every:
+                    reported = packets - packets % every
                     progress(packets, oks)
         if sizes or len({seen for seen, _ in done.values()}) != 1:
             raise UserError(f"{path} changed while it was being decrypted: run decrypt again")
         os.truncate(partial, end)
         os.replace(partial, out)
         ok = True
-        return _merge([done[k][1] for k in range(jobs)])
+        return DecryptSummary.merged([done[k][1] for k in range(jobs)])
     finally:
         for proc in procs:
             if proc.is_alive():
