@@ -2,12 +2,14 @@
 
 Blocks are assembled in memory and written with os.write in whole blocks only, so a crash (or a
 full disk, where we cut back to the last complete write) leaves a file that ends on a block
-boundary and that tshark reads to the end. Pending blocks are a list of their pieces (headers,
-the packet's bytes, options) joined once per flush: cheaper than growing a buffer piece by piece,
-and the packet bytes are copied once. Per-packet options (direction flag and comment) repeat
-for every packet of a flow, so their encoded bytes are cached per (point, hook, devices, mark); a
-caller's per-packet comment (decrypt's "ESP SPI ... seq N") is joined to the cached rest, so a
-packet costs a few appends to the buffer and no string work here.
+boundary and that tshark reads to the end. Pending blocks sit in one preallocated buffer, each
+packet block filled in place: `reserve` says where a packet's bytes go, the caller (or
+`write_packet`) puts them there, and `commit_packet` packs the header and options around them.
+So decrypt writes a plaintext straight into its block, and no packet is copied more than once
+before the write. Per-packet options (direction flag and comment) repeat for every packet of a
+flow, so their encoded bytes are cached per (point, hook, devices, mark); a caller's per-packet
+comment (decrypt's "ESP SPI ... seq N") goes in with the cached rest in one pack, so a packet
+costs two packs into the buffer and no string work here.
 Files are created mode 0600: captures hold cleartext.
 """
 
@@ -53,15 +55,30 @@ _OPT = struct.Struct("<HH")
 _U32 = struct.Struct("<I")
 _END = _OPT.pack(OPT_ENDOFOPT, 0)
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
-# The packet data's padding followed by the comment option's header, one pack per packet;
-# indexed by the data length mod 4.
-_PAD_COMMENT = tuple(struct.Struct(f"<{len(p)}xHH") for p in _PAD)
+EPB_HEAD_LEN = _EPB_HEAD.size  # where a packet's bytes start in its block
 
 FLUSH_AT = 1 << 20  # bytes pending before write() flushes by itself
+_BLOCK_ROOM = 512  # room reserved past a packet's bytes for its options (a longer comment grows the buffer)
+
+# What follows a packet's bytes, packed at once, by (data length mod 4, caller's comment length,
+# length of the cached rest): padding, the comment option's header, the comment, the rest of
+# the options, the block's closing length. A few dozen shapes in a whole file.
+_tails: dict[tuple[int, int, int], struct.Struct] = {}
+
+
+def _tail(pad_index: int, clen: int, rest: int) -> struct.Struct:
+    shape = _tails.get((pad_index, clen, rest))
+    if shape is None:
+        pad = len(_PAD[pad_index])
+        shape = struct.Struct(f"<{pad}xHH{clen}s{rest}sI" if clen else f"<{pad}x{rest}sI")
+        if len(_tails) < 4096:
+            _tails[(pad_index, clen, rest)] = shape
+    return shape
 
 # Per (point, hook, devices, mark): (interface id, options without a caller's comment, length of
-# the "; where" text joined to a caller's comment, the bytes after that comment by its length mod 4).
-_PointOptions = tuple[int, bytes, int, tuple[bytes, ...]]
+# the "; where" text joined to a caller's comment, the bytes after that comment by its length mod
+# 4, and the pack_into of each tail shape met so far, by comment length << 2 | data length mod 4).
+_PointOptions = tuple[int, bytes, int, tuple[bytes, ...], dict[int, Callable[..., None]]]
 
 
 def option(code: int, value: bytes) -> bytes:
@@ -106,8 +123,13 @@ class PcapngWriter:
         self._ifname = ifname or _ifname_lookup()
         self._ifaces: dict[str, int] = {}
         self._opts: dict[tuple, _PointOptions] = {}
-        self._parts: list[bytes] = []  # whole blocks not yet written, in pieces
-        self._pending = 0  # bytes in _parts
+        # whole blocks not yet written: buf[:_used]. `buf` and `view` are public for callers that
+        # fill a reserved packet in place; both change only when the buffer grows (in reserve).
+        self.buf = bytearray(2 * FLUSH_AT)
+        self.view = memoryview(self.buf)
+        self._used = 0
+        self._reserved: _PointOptions = (0, b"", 0, (), {})  # of the packet between reserve and commit
+        self._spare: list[bytearray] = []  # buffers given back after take()
         self.committed = 0  # bytes on disk, always at a block boundary
         self.packets = 0
         self.packets_committed = 0  # packets in `committed` (what a crash or full disk keeps)
@@ -136,11 +158,42 @@ class PcapngWriter:
     @property
     def size(self) -> int:
         """Bytes written so far, including what is still buffered."""
-        return self.committed + self._pending
+        return self.committed + self._used
 
     def _add_block(self, block: bytes) -> None:
-        self._parts.append(block)
-        self._pending += len(block)
+        at = self._room(len(block))
+        self.buf[at:at + len(block)] = block
+        self._used = at + len(block)
+
+    def _room(self, need: int) -> int:
+        """Where `need` more bytes go: flushed first when the buffer cannot hold them, grown
+        when even an empty one cannot (or when there is no file to flush to)."""
+        used = self._used
+        if used + need <= len(self.buf):
+            return used
+        if self._fd >= 0 and used:
+            self.flush()
+            used = 0
+        if used + need > len(self.buf):
+            bigger = bytearray(max(used + need, 2 * len(self.buf)))
+            bigger[:used] = self.view[:used]
+            self.buf, self.view = bigger, memoryview(bigger)
+        return used
+
+    def reserve(self, record: Record, need: int) -> int:
+        """Room for `record`'s packet block with up to `need` bytes of packet: the offset in
+        `buf` where the packet's bytes go. The caller writes them there (anything past the
+        packet may be scribbled on; `commit_packet` overwrites it) and then calls commit_packet.
+        A point's first packet gets its interface block here, before the room is handed out."""
+        point_opts = self._opts.get((record.point, record.hook, record.indev, record.outdev, record.mark))
+        if point_opts is None:
+            point_opts = self._point_options(record)
+        self._reserved = point_opts
+        need += EPB_HEAD_LEN + _BLOCK_ROOM
+        used = self._used
+        if used + need > len(self.buf):
+            used = self._room(need)
+        return used + EPB_HEAD_LEN
 
     def interface(self, name: str, description: str = "", emit: bool = True) -> int:
         """Interface id for capture point `name`, adding its IDB the first time (`emit` False:
@@ -196,7 +249,7 @@ class PcapngWriter:
         alone = (option(OPT_COMMENT, where) if where else b"") + flags + _END
         joined = b"; " + where if where else b""
         after = tuple(joined + _PAD[(k + len(joined)) & 3] + flags + _END for k in range(4))
-        return iid, alone, len(joined), after
+        return iid, alone, len(joined), after, {}
 
     def write(self, record: Record, comment: str | None = None) -> None:
         """Append one packet on its point's interface (created on first use)."""
@@ -210,44 +263,58 @@ class PcapngWriter:
 
     def write_packet(self, record: Record, data: bytes | memoryview, orig: int, comment: bytes = b"") -> None:
         """Append `data` (as the file's link type has it) as one packet of `record`'s point, time
-        and metadata, with `comment` already encoded (b"": none). `write` builds on this; decrypt
-        calls it directly to put the decrypted packet in place of the record's own."""
-        point_opts = self._opts.get((record.point, record.hook, record.indev, record.outdev, record.mark))
-        if point_opts is None:
-            point_opts = self._point_options(record)
-        iid, alone, joined_len, after = point_opts
-        if type(data) is not bytes:
-            data = bytes(data)  # a view's buffer may change or be large: keep only the packet
-        caplen = len(data)
+        and metadata, with `comment` already encoded (b"": none). `write` builds on this."""
+        caplen = min(len(data), self.snaplen)
+        at = self.reserve(record, caplen)
+        self.buf[at:at + caplen] = data if caplen == len(data) else data[:caplen]
+        self.commit_packet(record, caplen, orig, comment)
+
+    def commit_packet(self, record: Record, caplen: int, orig: int, comment: bytes = b"") -> None:
+        """Close the packet block of the last `reserve(record, ...)`, whose `caplen` bytes the
+        caller put where it said: pack its header, `record`'s time and the options of its point
+        and metadata, and `comment` (encoded; b"": none). A packet longer than the snap length
+        is cut to it."""
+        iid, alone, joined_len, after, packers = self._reserved
         if caplen > self.snaplen:
-            data = data[: self.snaplen]
             caplen = self.snaplen
-        ts = record.time_ns
-        parts = self._parts
+        start = self._used
         clen = len(comment)
+        shape = clen << 2 | caplen & 3
+        pack = packers.get(shape)
+        if pack is None:
+            pack = packers[shape] = _tail(caplen & 3, clen, len(after[clen & 3] if clen else alone)).pack_into
+        end = start + EPB_HEAD_LEN + caplen  # of the packet's bytes
         if clen:
             tail = after[clen & 3]
             total = 36 + ((caplen + 3) & ~3) + clen + len(tail)
-            parts += (_EPB_HEAD.pack(BT_EPB, total, iid, ts >> 32, ts & 0xFFFFFFFF, caplen, orig), data,
-                      _PAD_COMMENT[caplen & 3].pack(OPT_COMMENT, clen + joined_len), comment, tail,
-                      _U32.pack(total))
+            if start + total > len(self.buf):
+                self._grow_open_block(start + total)
+            pack(self.buf, end, OPT_COMMENT, clen + joined_len, comment, tail, total)
         else:
             total = 32 + ((caplen + 3) & ~3) + len(alone)
-            parts += (_EPB_HEAD.pack(BT_EPB, total, iid, ts >> 32, ts & 0xFFFFFFFF, caplen, orig), data,
-                      _PAD[caplen & 3], alone, _U32.pack(total))
+            if start + total > len(self.buf):
+                self._grow_open_block(start + total)
+            pack(self.buf, end, alone, total)
+        ts = record.time_ns
+        _EPB_HEAD.pack_into(self.buf, start, BT_EPB, total, iid, ts >> 32, ts & 0xFFFFFFFF, caplen, orig)
         self.packets += 1
-        self._pending += total
-        if self._pending >= self._flush_at:
+        self._used = start + total
+        if self._used >= self._flush_at:
             self.flush()
+
+    def _grow_open_block(self, end: int) -> None:
+        """A block longer than reserved (a long comment): a bigger buffer, the packet kept."""
+        bigger = bytearray(max(end, 2 * len(self.buf)))
+        bigger[:len(self.buf)] = self.buf
+        self.buf, self.view = bigger, memoryview(bigger)
 
     def flush(self) -> None:
         """Write every whole block buffered so far. On an error (ENOSPC) the file is cut back to
         the last complete flush, so it still ends on a block boundary, and the OSError propagates."""
-        if not self._parts:
+        if not self._used:
             return
-        view = memoryview(b"".join(self._parts))
-        self._parts.clear()
-        self._pending = 0
+        view = self.view[:self._used]
+        self._used = 0
         done = 0
         try:
             while done < len(view):
@@ -260,14 +327,23 @@ class PcapngWriter:
         self.committed += done
         self.packets_committed = self.packets
 
-    def take(self) -> tuple[list[bytes], int]:
-        """The blocks collected since the last take() as their pieces, and their length in
-        bytes; removed from the writer (an in-memory writer's output, for os.pwritev: joining
-        them would allocate and fill the whole block's bytes once more)."""
-        parts, size = self._parts, self._pending
-        self._parts = []
-        self._pending = 0
+    def take(self) -> tuple[list[memoryview], int]:
+        """The blocks collected since the last take() (an in-memory writer's output, for
+        os.pwritev) and their length in bytes; removed from the writer, which goes on in a
+        buffer of its own (one given back with `give_back` if there is one: a fresh buffer of
+        megabytes costs a page fault every 4 KiB on first use)."""
+        size = self._used
+        parts = [self.view[:size]]
+        self.buf = self._spare.pop() if self._spare else bytearray(len(self.buf))
+        self.view = memoryview(self.buf)
+        self._used = 0
         return parts, size
+
+    def give_back(self, parts: list[memoryview]) -> None:
+        """Parts from take() that have been written: their buffer serves again."""
+        for part in parts:
+            if isinstance(part.obj, bytearray) and len(part.obj) >= len(self.buf):
+                self._spare.append(part.obj)
 
     def close(self) -> None:
         if self._fd < 0:

@@ -230,3 +230,36 @@ def test_disk_full_leaves_whole_blocks(tmp_path: Path) -> None:
     assert errno_line[1] == "28"  # ENOSPC
     committed = int(errno_line[3])
     assert committed > 0 and int(read_line[1]) == committed == tshark_count
+
+
+def test_buffer_growth_long_comments_and_in_memory_blocks(tmp_path: Path) -> None:
+    """Packets filled in place (reserve/commit) through several flushes, a comment longer than the
+    room reserved for options, a packet cut to the snap length; an in-memory writer's take()
+    gives the same blocks, growing past its first buffer, and reuses a buffer given back."""
+    long_comment = ("ESP " + "x" * 5000).encode()
+    big = bytes(IP(src="192.0.2.1", dst="192.0.2.2") / UDP() / (b"c" * 1400))
+    recs = [Record(T0 + i, f"p{i % 3}", big, hook=i % 5) for i in range(3000)]
+    path = tmp_path / "grow.pcapng"
+
+    def fill(w: PcapngWriter) -> None:
+        for i, r in enumerate(recs):
+            comment = long_comment if i % 997 == 0 else (b"seq %d" % i if i % 2 else b"")
+            w.write_packet(r, r.payload, len(r.payload), comment)
+
+    with PcapngWriter(path, linktype="raw", snaplen=1000) as w:
+        fill(w)
+    memory = PcapngWriter(None, linktype="raw", snaplen=1000)
+    fill(memory)
+    parts, size = memory.take()
+    assert size > 2 * 1024 * 1024 and size == sum(map(len, parts))
+    data = path.read_bytes()
+    shb_len = struct.unpack_from("<I", data, 4)[0]
+    assert b"".join(parts) == data[shb_len:]
+    rows = tshark(path, "frame.cap_len", "frame.len", "frame.comment")
+    assert len(rows) == len(recs) and {r[0] for r in rows} == {"1000"}
+    assert rows[0][2] == long_comment.decode() + "; p0" and rows[3][2] == "seq 3; p0" and rows[2][2] == "p2"
+    memory.give_back(parts)
+    recycled = parts[0].obj
+    memory.write(recs[0])
+    assert memory.take()[0][0].obj is not recycled  # in use: the one taken before
+    assert memory.buf is recycled

@@ -8,7 +8,7 @@ import os
 import struct
 
 import pytest
-from ipsec_capture.xfrm.esp import DecryptResult, EspDecoder, esp_header
+from ipsec_capture.xfrm.esp import HEADROOM, ROOM, DecryptResult, EspDecoder, esp_header
 from ipsec_capture.xfrm.sa import SA, Algorithm, Replay
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt
@@ -317,3 +317,21 @@ def test_esn_found_by_the_icv_when_the_key_file_cannot_say(label: str) -> None:
     dec = EspDecoder(read_esp_sa(write_esp_sa([plain], 8)))
     res = dec.decrypt(outer(seal(keys, SPI + 1, 5, inner, nh), *V4))
     assert (res.status, res.seq, res.inner) == ("ok", 5, inner)
+
+
+@pytest.mark.parametrize("suite", SUITES, ids=[s.label for s in SUITES])
+@pytest.mark.parametrize("mode", ["tunnel", "transport"])
+def test_decrypt_into_writes_only_in_its_room(suite, mode: str) -> None:
+    """decrypt_into writes the inner packet at `at` and nothing before at - HEADROOM or after
+    at + len(packet) + ROOM (the pcapng writer's block around it), for every algorithm."""
+    keys = Keys.random(suite)
+    payload = bytes(IP(src="10.1.0.1", dst="10.1.0.2") / UDP() / Raw(b"x" * 37))
+    pkt = outer(seal(keys, SPI, 5, payload, 4 if mode == "tunnel" else 17), *V4)
+    sa = make_sa(keys, SPI, *V4, mode=mode)
+    at, fill = 100, 0xEE
+    buf = bytearray([fill]) * (at + len(pkt) + ROOM + 100)
+    result = EspDecoder([sa]).decrypt_into(pkt, buf, memoryview(buf), at)
+    assert result.status == "ok" and result.inner is None
+    assert bytes(buf[at:at + result.inner_len]) == EspDecoder([sa]).decrypt(pkt).inner
+    assert set(buf[:at - HEADROOM]) == {fill}
+    assert set(buf[at + len(pkt) + ROOM:]) == {fill}

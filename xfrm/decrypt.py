@@ -15,7 +15,20 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from ipsec_capture.xfrm.esp import NO_SA, NOT_ESP, OK, STATUSES, DecryptResult, EspDecoder, esp_header
+from ipsec_capture.xfrm.esp import (
+    IP4_ESP,
+    NO_SA,
+    NOT_ESP,
+    OK,
+    ROOM,
+    STATUSES,
+    DecryptResult,
+    EspDecoder,
+    Lane,
+    esp_header,
+)
+from ipsec_capture.xfrm.esp_header import IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_IPV6
+from ipsec_capture.xfrm.sa import MODE_UNKNOWN
 
 from ipsec_capture.models import Record
 
@@ -23,6 +36,7 @@ if TYPE_CHECKING:
     from ipsec_capture.capture.pcapng import PcapngWriter
 
 _AF_INET, _AF_INET6 = 2, 10
+_TUNNEL_HEADERS = (IPPROTO_IPIP, IPPROTO_IPV6)  # next headers of an inner packet (mode unknown: tunnel)
 _MAX_COMMENT_KINDS = 4096  # distinct (SA, result, detail) comments remembered by decrypt_to_writer
 
 
@@ -125,11 +139,15 @@ def _tally(result: DecryptResult, packet: bytes | memoryview) -> SaTally:
 
 def comment_parts(result: DecryptResult) -> tuple[str, str]:
     """The comment of an ESP result around its sequence number: `before + str(seq) + after`.
-    Everything but the number repeats for every packet of an SA with the same result."""
+    Everything but the number repeats for every packet of an SA with the same result (and next
+    header: an SA whose mode the key file did not say is tunnel for an inner IP packet, as the
+    decoder decides)."""
     before = f"ESP SPI 0x{(result.spi or 0):08x} seq "
     after = f": {result.status}"
-    if result.status == OK and result.inner is not None:
-        after += " (decrypted, inner packet)" if result.sa and result.sa.mode == "tunnel" \
+    if result.status == OK and result.inner_len >= 0:
+        mode = result.sa.mode if result.sa else ""
+        tunnel = mode == "tunnel" or (mode == MODE_UNKNOWN and result.next_header in _TUNNEL_HEADERS)
+        after += " (decrypted, inner packet)" if tunnel \
             else " (decrypted, transport payload under the outer header)"
     if result.detail:
         after += f" - {result.detail}"
@@ -189,40 +207,67 @@ def decrypt_to_writer(records: Iterable[Record], decoder: EspDecoder, summary: D
     `writer.write(out, comment_for(result))` gives for each pair of `decrypt_records`, with the
     same counts in `summary` and the same `progress` calls. `new_point(point)` is called before
     a record whose point differs from the previous record's (the caller names interfaces)."""
-    decrypt = decoder.decrypt
-    write = writer.write_packet
+    decrypt_into = decoder.decrypt_into
+    reserve, commit = writer.reserve, writer.commit_packet
     kinds: dict[tuple, _CommentKind] = {}
+    # IPv4 dst << 32 | SPI -> (the SA's fast lane, its ok comment around the seq, its counts):
+    # entered after the SA's first ok tunnel packet went the general way
+    lanes: dict[int, tuple[Lane, bytes, bytes, dict[str, int]]] = {}
     last_point: str | None = None
     for n, record in enumerate(records, 1):
         if new_point is not None and record.point != last_point:
             last_point = record.point
             new_point(last_point)
         payload = record.payload
-        result = decrypt(payload)
-        status = result.status
-        if status == NOT_ESP:
+        size = len(payload)
+        at = reserve(record, size + ROOM)  # the decrypted packet is written where its block needs it
+        inner_len = -1
+        dst_spi = -1  # an IPv4 ESP packet's, whole and without options: the lane's shape
+        if size >= 28:
+            first, length, frag, proto, dst_spi, seq = IP4_ESP.unpack_from(payload)
+            if first == 0x45 and proto == IPPROTO_ESP and length == size and not frag & 0x3FFF:
+                fast = lanes.get(dst_spi)
+                if fast is not None:
+                    inner_len = fast[0](payload, writer.buf, writer.view, at)
+            else:
+                dst_spi = -1
+        if inner_len >= 0:
             summary.packets += 1
-            summary.not_esp += 1
-            write(record, payload, record.length or len(payload))
+            fast[3][OK] += 1
+            commit(record, inner_len, inner_len, b"%b%d%b" % (fast[1], seq, fast[2]))
         else:
-            inner = result.inner
-            key = (status, result.spi, result.detail, inner is None)
-            kind = kinds.get(key)
-            if kind is None or kind.sa is not result.sa:  # new, or another SA with the same SPI
-                summary.add(result, payload)
-                kind = _comment_kind(result, summary.counts_for(result, payload))
-                if key not in kinds and len(kinds) < _MAX_COMMENT_KINDS:  # details naming lengths
-                    kinds[key] = kind  # differ per packet: remember a bounded number
-            else:
+            result = decrypt_into(payload, writer.buf, writer.view, at)
+            status = result.status
+            if status == NOT_ESP:
                 summary.packets += 1
-                kind.counts[status] += 1
-            seq = result.seq
-            comment = b"%b%d%b" % (kind.before, seq, kind.after) if seq is not None \
-                else kind.before + b"None" + kind.after
-            if inner is None:
-                write(record, payload, record.length or len(payload), comment)
+                summary.not_esp += 1
+                writer.view[at:at + size] = payload
+                commit(record, size, record.length or size)
             else:
-                write(record, inner, len(inner), comment)
+                key = (status, result.spi, result.detail, result.inner_len < 0, result.next_header)
+                kind = kinds.get(key)
+                if kind is None or kind.sa is not result.sa:  # new, or another SA with the same SPI
+                    summary.add(result, payload)
+                    kind = _comment_kind(result, summary.counts_for(result, payload))
+                    if key not in kinds and len(kinds) < _MAX_COMMENT_KINDS:  # details naming lengths
+                        kinds[key] = kind  # differ per packet: remember a bounded number
+                else:
+                    summary.packets += 1
+                    kind.counts[status] += 1
+                seq = result.seq
+                comment = b"%b%d%b" % (kind.before, seq, kind.after) if seq is not None \
+                    else kind.before + b"None" + kind.after
+                inner_len = result.inner_len
+                if inner_len < 0:  # not decrypted: the packet as it came
+                    writer.view[at:at + size] = payload
+                    commit(record, size, record.length or size, comment)
+                else:
+                    commit(record, inner_len, inner_len, comment)
+                    if dst_spi >= 0 and status == OK and not result.detail \
+                            and result.next_header in _TUNNEL_HEADERS and dst_spi not in lanes:
+                        lane = decoder.lane(dst_spi)
+                        if lane is not None:
+                            lanes[dst_spi] = (lane, kind.before, kind.after, kind.counts)
         if progress is not None and n % every == 0:
             progress(summary)
 

@@ -64,7 +64,7 @@ def _quiet(_msg: str) -> None:
     pass
 
 
-def write_parts(fd: int, parts: list[bytes], offset: int) -> None:
+def write_parts(fd: int, parts: list[memoryview], offset: int) -> None:
     """Write `parts` one after the other at `offset`: os.pwritev, IOV_MAX pieces a call."""
     for start in range(0, len(parts), IOV_MAX):
         group = parts[start:start + IOV_MAX]
@@ -83,16 +83,16 @@ class _Worker:
     parent says. Messages to the parent: ("size", block, bytes, packets, ok), ("done", records
     seen, summary) or ("error", text); from the parent: (block, offset)."""
 
-    def __init__(self, k: int, jobs: int, block: int, out: str, conn: Connection) -> None:
-        self.k, self.jobs, self.block, self.conn = k, jobs, block, conn
+    def __init__(self, k: int, jobs: int, block: int, out: str, conn: Connection,
+                 writer: PcapngWriter) -> None:
+        self.k, self.jobs, self.block, self.conn, self.writer = k, jobs, block, conn, writer
         self.fd = os.open(out, os.O_WRONLY | os.O_CLOEXEC)
-        self.pending: dict[int, list[bytes]] = {}
+        self.pending: dict[int, list[memoryview]] = {}
         self.summary = DecryptSummary()
         self.seen = 0  # records in the file (every worker reads them all)
         self._counted = (0, 0)  # packets and ok of the summary at the last block's end
 
-    def blocks(self, records: Iterable[Record], writer: PcapngWriter, new_point: Callable[..., object]
-               ) -> Iterator[Record]:
+    def blocks(self, records: Iterable[Record], new_point: Callable[..., object]) -> Iterator[Record]:
         """The records of this worker's blocks; every record's point is numbered, in file order.
         A block is complete when the next record is asked for (the consumer writes each record
         before it asks for the next)."""
@@ -102,7 +102,7 @@ class _Worker:
         for i, rec in enumerate(records):
             if i % self.block == 0:
                 if mine:
-                    self._finished(b, writer)
+                    self._finished(b)
                 b = i // self.block
                 mine = b % self.jobs == self.k
             if rec.point != last:
@@ -111,11 +111,11 @@ class _Worker:
             if mine:
                 yield rec
         if mine:
-            self._finished(b, writer)
+            self._finished(b)
         self.seen = i + 1
 
-    def _finished(self, b: int, writer: PcapngWriter) -> None:
-        parts, size = writer.take()
+    def _finished(self, b: int) -> None:
+        parts, size = self.writer.take()
         ok = self.summary.totals().get("ok", 0)
         packets = self.summary.packets
         self.conn.send(("size", b, size, packets - self._counted[0], ok - self._counted[1]))
@@ -127,7 +127,9 @@ class _Worker:
         """Write the blocks whose offsets have come (waiting for one if `block`)."""
         while self.conn.poll(None if block else 0):
             b, offset = self.conn.recv()
-            write_parts(self.fd, self.pending.pop(b), offset)
+            parts = self.pending.pop(b)
+            write_parts(self.fd, parts, offset)
+            self.writer.give_back(parts)
             block = len(self.pending) > MAX_PENDING
 
     def finish(self) -> None:
@@ -144,11 +146,11 @@ def _work(path: str, k: int, jobs: int, block: int, decoder: EspDecoder, out: st
     with contextlib.suppress(OSError, AttributeError):  # and a parent killed outright takes us along
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     try:
-        worker = _Worker(k, jobs, block, out, conn)
         writer = PcapngWriter(None, linktype="raw")
+        worker = _Worker(k, jobs, block, out, conn, writer)
         # every worker reads the same file: one of them gives its warnings
         records = read_records(path, borrow=True) if k == 0 else read_records(path, _quiet, borrow=True)
-        decrypt_to_writer(worker.blocks(records, writer, name_points(writer)), decoder, worker.summary,
+        decrypt_to_writer(worker.blocks(records, name_points(writer)), decoder, worker.summary,
                           writer, None)
         worker.finish()
     except UserError as err:

@@ -1,11 +1,11 @@
 """The ESP transforms, from Linux algorithm names to `cryptography` objects built once per SA.
 
-Each transform opens one ESP packet (bytes from the SPI to the end of the ICV) and returns the
-decrypted payload with its trailer, or None when the ICV does not verify. Keys are laid out as
-the kernel holds them (XFRMA_ALG_AEAD / XFRMA_ALG_CRYPT in <linux/xfrm.h>): AEAD and CTR keys end
-with their salt or nonce. Construction is per SA; the per-packet path reuses the cipher objects
-(AESGCM, ChaCha20Poly1305, AESCCM, one CBC context, a keyed HMAC) because building them per packet
-costs more than the crypto itself.
+Each transform opens one ESP packet (bytes from the SPI to the end of the ICV) and writes the
+decrypted payload with its trailer into the caller's buffer, or says the ICV does not verify.
+Keys are laid out as the kernel holds them (XFRMA_ALG_AEAD / XFRMA_ALG_CRYPT in <linux/xfrm.h>):
+AEAD and CTR keys end with their salt or nonce. Construction is per SA; the per-packet path
+reuses the cipher objects (AESGCM, ChaCha20Poly1305, AESCCM, one CBC context, a keyed HMAC)
+because building them per packet costs more than the crypto itself.
 """
 
 from __future__ import annotations
@@ -30,18 +30,23 @@ class UnsupportedSA(ValueError):
 _COUNTER_ONE = b"\x00\x00\x00\x01"  # RFC 3686 section 4: the block counter starts at 1
 
 
+OpenInto = Callable[[memoryview, int, bytes | None, memoryview, int], int]
+
+
 @dataclass(slots=True)
 class Transform:
     """One SA's cipher and integrity check.
 
-    `open(pkt, pos, seq_hi)`: the ESP packet (header, IV, ciphertext, ICV) is `pkt[pos:]` (the
-    transform slices what it needs from the packet: a view of the ESP part alone would cost every
-    packet one more); `seq_hi` the 4 high sequence bytes for ESN SAs, else None. Returns the
-    plaintext (payload, padding, pad length, next header) or None on an ICV mismatch. `block` is
-    the alignment the ciphertext must have; `authenticated` says whether a None can happen at
-    all. The plaintext starts after `skip` bytes of the returned buffer (CBC returns the
-    decrypted IV block too: cutting it off would copy the whole packet once more, and the decoder
-    slices the payload out anyway).
+    `open(pkt, pos, seq_hi, out, at)` opens the ESP packet (header, IV, ciphertext, ICV) at
+    `pkt[pos:]` (the transform slices what it needs: a view of the ESP part alone would cost every
+    packet one more) and writes its plaintext (payload, padding, pad length, next header) into
+    `out` so that the plaintext starts at `out[at]`; it returns the plaintext's length, or -1 on
+    an ICV mismatch. Writing into the caller's buffer is the point: the decrypt pipeline gives the
+    place in its pcapng buffer where the packet goes, so the plaintext is written once, where it
+    stays. `out` must have `skip` bytes before `at` (CBC deciphers the IV block there) and
+    `len(pkt) - pos + block` after it. `seq_hi` is the 4 high sequence bytes for ESN SAs, else
+    None. `block` is the alignment the ciphertext must have; `authenticated` says whether a -1
+    can happen at all.
     """
 
     name: str
@@ -49,8 +54,10 @@ class Transform:
     icv_len: int
     block: int
     authenticated: bool
-    open: Callable[[memoryview, int, bytes | None], bytes | None]
+    open: OpenInto
     skip: int = 0
+    # RFC 4106 / 4309 / 7634 AEADs: (the cipher's decrypt_into, salt), for the decoder's fast lane
+    aead: tuple[Callable[..., int], bytes] | None = None
     overhead: int = field(init=False)  # ESP header + IV + ICV: what the ciphertext is not
 
     def __post_init__(self) -> None:
@@ -59,11 +66,36 @@ class Transform:
 
 def _aad(pkt: memoryview, pos: int, seq_hi: bytes | None) -> bytes | memoryview:
     """AEAD associated data: SPI + seq, or SPI + seq-hi + seq-lo for ESN (RFC 4106 section 5).
-    Without ESN it is the header as it is, a view: no copy (the AEADs take any buffer); the hot
-    paths inline that case."""
+    Without ESN it is the header as it is, a view: no copy (the AEADs take any buffer)."""
     if seq_hi is None:
         return pkt[pos:pos + 8]
     return bytes(pkt[pos:pos + 4]) + seq_hi + bytes(pkt[pos + 4:pos + 8])
+
+
+def _copied(plain: bytes | memoryview | None, out: memoryview, at: int) -> int:
+    """Place a plaintext computed elsewhere (a cipher without an `_into` form) at `out[at]`."""
+    if plain is None:
+        return -1
+    out[at:at + len(plain)] = plain
+    return len(plain)
+
+
+def _aead(name: str, aead: AESGCM | AESCCM | ChaCha20Poly1305, salt: bytes, icv: int) -> Transform:
+    """The RFC 4106 / 4309 / 7634 layout: nonce = salt + 8-byte IV, AAD = ESP header, the
+    ciphertext and ICV follow the IV; decrypted straight into the caller's buffer."""
+    decrypt_into = aead.decrypt_into
+    after = 16 + icv  # header, IV and ICV around the ciphertext
+
+    def open_aead(pkt: memoryview, pos: int, seq_hi: bytes | None, out: memoryview, at: int) -> int:
+        n = len(pkt) - pos - after
+        try:
+            decrypt_into(salt + pkt[pos + 8:pos + 16], pkt[pos + 16:],
+                         pkt[pos:pos + 8] if seq_hi is None else _aad(pkt, pos, seq_hi), out[at:at + n])
+        except InvalidTag:
+            return -1
+        return n
+
+    return Transform(name, 8, icv, 4, True, open_aead, aead=(decrypt_into, salt))
 
 
 def _split_salt(alg: Algorithm, salt_len: int, key_lens: tuple[int, ...]) -> tuple[bytes, bytes]:
@@ -89,28 +121,20 @@ def _gcm(alg: Algorithm) -> Transform:
     key, salt = _split_salt(alg, 4, (16, 24, 32))
     icv = _icv_len(alg, (8, 12, 16), 16)
     if icv == 16:
-        aead = AESGCM(key)
-
-        def open_full(pkt: memoryview, pos: int, seq_hi: bytes | None) -> bytes | None:
-            try:
-                aad = pkt[pos:pos + 8] if seq_hi is None else _aad(pkt, pos, seq_hi)
-                return aead.decrypt(salt + pkt[pos + 8:pos + 16], pkt[pos + 16:], aad)
-            except InvalidTag:
-                return None
-
-        return Transform(alg.name, 8, 16, 4, True, open_full)
+        return _aead(alg.name, AESGCM(key), salt, 16)
     aes = algorithms.AES(key)
 
-    def open_short(pkt: memoryview, pos: int, seq_hi: bytes | None) -> bytes | None:
+    def open_short(pkt: memoryview, pos: int, seq_hi: bytes | None, out: memoryview, at: int) -> int:
         # AESGCM insists on a 16-byte tag; the streaming API takes a truncated one.
         dec = Cipher(aes, modes.GCM(salt + bytes(pkt[pos + 8:pos + 16]), bytes(pkt[-icv:]),
                                     min_tag_length=icv)).decryptor()
         dec.authenticate_additional_data(_aad(pkt, pos, seq_hi))
-        out = dec.update(pkt[pos + 16:-icv])
+        plain = dec.update(pkt[pos + 16:-icv])
         try:
-            return out + dec.finalize()
+            dec.finalize()
         except InvalidTag:
-            return None
+            return -1
+        return _copied(plain, out, at)
 
     return Transform(alg.name, 8, icv, 4, True, open_short)
 
@@ -122,15 +146,14 @@ def _gmac(alg: Algorithm) -> Transform:
     _icv_len(alg, (16,), 16)
     aead = AESGCM(key)
 
-    def open_gmac(pkt: memoryview, pos: int, seq_hi: bytes | None) -> bytes | None:
-        payload = bytes(pkt[pos + 16:-16])
+    def open_gmac(pkt: memoryview, pos: int, seq_hi: bytes | None, out: memoryview, at: int) -> int:
         try:
             # AAD = header (+ ESN high bits), IV, payload: without ESN, the ESP packet up to the ICV
             aad = pkt[pos:-16] if seq_hi is None else _aad(pkt, pos, seq_hi) + pkt[pos + 8:-16]
             aead.decrypt(salt + pkt[pos + 8:pos + 16], pkt[-16:], aad)
         except InvalidTag:
-            return None
-        return payload
+            return -1
+        return _copied(pkt[pos + 16:-16], out, at)
 
     return Transform(alg.name, 8, 16, 4, True, open_gmac)
 
@@ -139,32 +162,14 @@ def _ccm(alg: Algorithm) -> Transform:
     """rfc4309(ccm(aes)): nonce = 3-byte salt + 8-byte IV; ICV 8, 12 or 16 bytes."""
     key, salt = _split_salt(alg, 3, (16, 24, 32))
     icv = _icv_len(alg, (8, 12, 16), 16)
-    aead = AESCCM(key, tag_length=icv)
-
-    def open_ccm(pkt: memoryview, pos: int, seq_hi: bytes | None) -> bytes | None:
-        try:
-            aad = pkt[pos:pos + 8] if seq_hi is None else _aad(pkt, pos, seq_hi)
-            return aead.decrypt(salt + pkt[pos + 8:pos + 16], pkt[pos + 16:], aad)
-        except InvalidTag:
-            return None
-
-    return Transform(alg.name, 8, icv, 4, True, open_ccm)
+    return _aead(alg.name, AESCCM(key, tag_length=icv), salt, icv)
 
 
 def _chacha(alg: Algorithm) -> Transform:
     """rfc7539esp(chacha20,poly1305) (RFC 7634): nonce = 4-byte salt + 8-byte IV, 16-byte ICV."""
     key, salt = _split_salt(alg, 4, (32,))
     _icv_len(alg, (16,), 16)
-    aead = ChaCha20Poly1305(key)
-
-    def open_chacha(pkt: memoryview, pos: int, seq_hi: bytes | None) -> bytes | None:
-        try:
-            aad = pkt[pos:pos + 8] if seq_hi is None else _aad(pkt, pos, seq_hi)
-            return aead.decrypt(salt + pkt[pos + 8:pos + 16], pkt[pos + 16:], aad)
-        except InvalidTag:
-            return None
-
-    return Transform(alg.name, 8, 16, 4, True, open_chacha)
+    return _aead(alg.name, ChaCha20Poly1305(key), salt, 16)
 
 
 # Integrity: Linux name -> (hash, full digest bytes).
@@ -178,30 +183,42 @@ _HMACS = {
 # Default truncations in bytes when the SA gives none (RFC 2403/2404/4868).
 _DEFAULT_TRUNC = {16: 12, 20: 12, 32: 16, 48: 24, 64: 32}
 
-Decipher = Callable[[memoryview], bytes]  # (IV + ciphertext) -> plaintext, after `skip` bytes
+# (IV + ciphertext, out, at) -> plaintext length: the plaintext is written from out[at] on (a
+# CBC decipher writes its IV block's garbage in the `skip` bytes before), with room for one
+# block more than the input after `at`
+Decipher = Callable[[memoryview, memoryview, int], int]
 
 
 def _cbc(cipher_alg: algorithms.AES | TripleDES, block: int) -> Decipher:
     """CBC on one decryptor kept for the SA's life. Its chaining state after a packet is that
     packet's last block, but we feed IV + ciphertext and ignore the first output block (the
     transform's `skip`): block i is D(C[i]) xor C[i-1] with C[0] = IV, whatever came before.
-    Nothing is built per packet (a fresh CBC context costs about as much as decrypting 1400
-    bytes), and the decryptor's own update() is the decipher: no Python call around it."""
-    return Cipher(cipher_alg, modes.CBC(b"\0" * block)).decryptor().update
+    Nothing is built per packet: a fresh CBC context costs about as much as decrypting 1400
+    bytes. (update_into wants block - 1 bytes of room past the output.)"""
+    update_into = Cipher(cipher_alg, modes.CBC(b"\0" * block)).decryptor().update_into
+
+    def decipher(iv_and_ct: memoryview, out: memoryview, at: int) -> int:
+        n = len(iv_and_ct)
+        update_into(iv_and_ct, out[at - block:at + n - 1])
+        return n - block
+
+    return decipher
 
 
 def _ctr(key: bytes, nonce: bytes) -> Decipher:
     aes = algorithms.AES(key)
 
-    def decipher(iv_and_ct: memoryview) -> bytes:
+    def decipher(iv_and_ct: memoryview, out: memoryview, at: int) -> int:
         dec = Cipher(aes, modes.CTR(nonce + bytes(iv_and_ct[:8]) + _COUNTER_ONE)).decryptor()
-        return dec.update(iv_and_ct[8:])
+        n = len(iv_and_ct) - 8
+        dec.update_into(iv_and_ct[8:], out[at:at + n + 15])
+        return n
 
     return decipher
 
 
-def _plain(iv_and_ct: memoryview) -> bytes:
-    return bytes(iv_and_ct)
+def _plain(iv_and_ct: memoryview, out: memoryview, at: int) -> int:
+    return _copied(iv_and_ct, out, at)
 
 
 def _cipher(alg: Algorithm) -> tuple[Decipher, int, int, int]:
@@ -245,15 +262,15 @@ def _enc_auth(enc: Algorithm, auth: Algorithm | None) -> Transform:
     name = enc.name + (f"+{auth.name}" if mac else "")
 
     if mac is None:
-        def open_plain(pkt: memoryview, pos: int, seq_hi: bytes | None) -> bytes | None:
-            return decipher(pkt[pos + 8:])
+        def open_plain(pkt: memoryview, pos: int, seq_hi: bytes | None, out: memoryview, at: int) -> int:
+            return decipher(pkt[pos + 8:], out, at)
 
         return Transform(name, iv_len, 0, block, False, open_plain, skip)
 
     full = mac.algorithm.digest_size
     compare = hmac.compare_digest
 
-    def open_auth(pkt: memoryview, pos: int, seq_hi: bytes | None) -> bytes | None:
+    def open_auth(pkt: memoryview, pos: int, seq_hi: bytes | None, out: memoryview, at: int) -> int:
         # RFC 4303 section 3.3.2: the ICV covers header, IV and ciphertext; with ESN the high
         # sequence bits are appended to that (they are not sent).
         h = mac.copy()
@@ -262,8 +279,8 @@ def _enc_auth(enc: Algorithm, auth: Algorithm | None) -> Transform:
             h.update(seq_hi)
         digest = h.finalize()
         if not compare(digest[:icv] if icv < full else digest, pkt[-icv:]):
-            return None
-        return decipher(pkt[pos + 8:-icv])
+            return -1
+        return decipher(pkt[pos + 8:-icv], out, at)
 
     return Transform(name, iv_len, icv, block, True, open_auth, skip)
 
