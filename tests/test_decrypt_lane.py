@@ -66,6 +66,11 @@ def _pool() -> tuple[list[tuple[str, bytes, int]], list[SA]]:
     add("esp-ccm", outer(seal(ccm, 0x103, 1, udp, 17), A4, B4))  # transport
     add("esp", outer(seal(gcm8, 0x104, 1, inner4, 4), A4, B4))  # short ICV: no lane
     add("esp6", outer(seal(cbc, 0x202, 1, inner4, 4), A6, B6))
+    for seq in (1, 2):
+        add("esp", outer(seal(cbc, 0x204, seq, inner6, 41), A4, B4))  # the lane, CBC + HMAC
+    cut = bytearray(outer(seal(cbc, 0x204, 3, inner4, 4), A4, B4))
+    cut[-30] ^= 1
+    add("esp", bytes(cut))
     for seq in (ROLL - 2, ROLL + 1):
         add("esp", outer(seal(esn, 0x303, seq, inner4, 4, esn=True), A4, B4))
     add("esp", outer(seal(gcm, 0x999, 1, inner4, 4), A4, B4))  # no SA
@@ -75,6 +80,7 @@ def _pool() -> tuple[list[tuple[str, bytes, int]], list[SA]]:
     unknown.flags.append(ESN_UNKNOWN)  # as an 8-column esp_sa file says it
     sas = [unknown, make_sa(chacha, 0x102, A4, B4, mode="tunnel"), make_sa(ccm, 0x103, A4, B4),
            make_sa(gcm8, 0x104, A4, B4, mode="tunnel"), make_sa(cbc, 0x202, A6, B6, mode="tunnel"),
+           make_sa(cbc, 0x204, A4, B4, mode="tunnel"),
            make_sa(esn, 0x303, A4, B4, mode="tunnel", esn=True, replay=Replay(seq=ROLL - 40 & 0xFFFFFFFF))]
     return pool, sas
 
@@ -111,24 +117,27 @@ def test_fused_path_writes_what_the_reference_path_writes(picks: list[int]) -> N
 
 
 def test_every_kind_in_order_and_the_lane_is_taken() -> None:
-    """All kinds twice over; the lane of a known-ESN AEAD SA (ChaCha) is counted to prove the
-    comparison covers it, and the unknown-ESN GCM SA gets its lane after its first packet."""
+    """All kinds twice over; the lanes of known-ESN SAs (ChaCha20-Poly1305, CBC + HMAC) are
+    counted to prove the comparison covers them, and the unknown-ESN GCM SA gets its lane after
+    its first packet."""
     records = _records(list(range(len(POOL))) * 2)
     decoder = EspDecoder(SAS)
     key = int.from_bytes(bytes([192, 0, 2, 2]), "big") << 32
-    lane = decoder.lane(key | 0x102)
-    assert lane is not None and decoder.lane(key | 0x101) is None  # ESN undecided: not yet
-    calls = []
+    assert decoder.lane(key | 0x101) is None  # ESN undecided: not yet
+    calls: dict[int, int] = {}
+    for spi in (0x102, 0x204):
+        lane = decoder.lane(key | spi)
+        assert lane is not None
 
-    def counted(*args: object) -> int:
-        calls.append(1)
-        return lane(*args)  # type: ignore[arg-type]
+        def counted(*args: object, _lane=lane, _spi=spi) -> int:
+            calls[_spi] = calls.get(_spi, 0) + 1
+            return _lane(*args)
 
-    decoder._by_v4[key | 0x102].lane = counted
+        decoder._by_v4[key | spi].lane = counted
     got = _fused(records, decoder)
     assert got == _reference(records)
-    assert len(calls) >= 1  # the second ChaCha ok packet (and later ones) went the lane
+    assert calls[0x102] >= 2 and calls[0x204] >= 3  # every ok packet after each SA's first
     assert decoder.lane(key | 0x101) is not None
-    assert got[1]["totals"]["ok"] > 0 and got[1]["totals"]["icv-fail"] == 2
+    assert got[1]["totals"]["ok"] > 0 and got[1]["totals"]["icv-fail"] == 4
     assert b"(decrypted, inner packet)" in got[0]
     assert b"(decrypted, transport payload under the outer header)" in got[0]
