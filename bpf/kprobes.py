@@ -2,6 +2,11 @@
 xfrm_audit_state_* anchors and skb:kfree_skb, all as one event struct (xfrm_probes.c, mirrored by
 EVENT below: change both together).
 
+"kprobe" is the source's name, not always its mechanism: where the kernel has BTF and BPF
+trampolines the functions are entered by fentry/fexit (no breakpoint, no return-address
+hijack, fields loaded without helper calls), elsewhere by kprobe/kretprobe; drops come from the
+skb:kfree_skb raw tracepoint either way. `attached` lists what was used.
+
 bcc is a system package (python3-bpfcc) and compiles against the running kernel's headers: under
 emulation that takes 80-120 s, so start() says so on stderr. Kernel probe events are stamped with
 CLOCK_MONOTONIC and converted to wall clock with the events log's offset. Drops are emitted with
@@ -18,6 +23,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,18 +50,74 @@ AF_INET, AF_INET6 = socket.AF_INET, socket.AF_INET6
 IPPROTO_ESP = 50  # <netinet/in.h>
 MODES = {0: "transport", 1: "tunnel", 2: "ro", 3: "in_trigger", 4: "beet"}  # <linux/xfrm.h> XFRM_MODE_*
 
-# (event, BPF function, return probe, required): anchors may be missing (CONFIG_AUDITSYSCALL off)
-PROBES = (
-    ("xfrm_input", "kp_xfrm_input", False, True),
-    ("xfrm_input", "kr_xfrm_input", True, True),
-    ("xfrm_output", "kp_xfrm_output", False, True),
-    ("xfrm_output", "kr_xfrm_output", True, True),
-    ("xfrm_audit_state_notfound", "kp_notfound", False, False),
-    ("xfrm_audit_state_notfound_simple", "kp_notfound_simple", False, False),
-    ("xfrm_audit_state_icvfail", "kp_icvfail", False, False),
-    ("xfrm_audit_state_replay", "kp_replay", False, False),
-    ("xfrm_audit_state_replay_overflow", "kp_replay_overflow", False, False),
-)
+MECHANISMS = ("auto", "fentry", "kprobe")
+# the audit anchors: they may be missing (CONFIG_AUDITSYSCALL off) -> their kprobe function names
+ANCHORS = {
+    "xfrm_audit_state_notfound": "kp_notfound",
+    "xfrm_audit_state_notfound_simple": "kp_notfound_simple",
+    "xfrm_audit_state_icvfail": "kp_icvfail",
+    "xfrm_audit_state_replay": "kp_replay",
+    "xfrm_audit_state_replay_overflow": "kp_replay_overflow",
+}
+DROP_TRACEPOINT = "kfree_skb"  # a raw tracepoint: the program gets the arguments, no trace record is built
+DROP_FN = "raw_tracepoint__kfree_skb"  # the name bcc gives RAW_TRACEPOINT_PROBE(kfree_skb)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One BPF program on one kernel function; `kind` names the mechanism as `start` reports it."""
+
+    kind: str  # kprobe | kretprobe | fentry | fexit
+    target: str  # the kernel function
+    fn: str  # the BPF function in xfrm_probes.c (under fentry: the name bcc's KFUNC_PROBE gives it)
+    required: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}:{self.target}"
+
+    def attach(self, bpf: Any) -> None:
+        if self.kind == "fentry":
+            bpf.attach_kfunc(fn_name=self.fn)
+        elif self.kind == "fexit":
+            bpf.attach_kretfunc(fn_name=self.fn)
+        elif self.kind == "kretprobe":
+            bpf.attach_kretprobe(event=self.target, fn_name=self.fn)
+        else:
+            bpf.attach_kprobe(event=self.target, fn_name=self.fn)
+
+    def detach(self, bpf: Any) -> None:
+        if self.kind == "fentry":
+            bpf.detach_kfunc(fn_name=self.fn)
+        elif self.kind == "fexit":
+            bpf.detach_kretfunc(fn_name=self.fn)
+        elif self.kind == "kretprobe":
+            bpf.detach_kretprobe(event=self.target, fn_name=self.fn)
+        else:
+            bpf.detach_kprobe(event=self.target, fn_name=self.fn)
+
+
+def probes(mechanism: str) -> list[Probe]:
+    """The programs xfrm_probes.c defines for `mechanism` (fentry or kprobe), each entry before
+    its return (a return program attached alone sees returns without entries)."""
+    if mechanism == "fentry":
+        main = [Probe(kind, fn, f"{'kfunc' if kind == 'fentry' else 'kretfunc'}__{fn}", True)
+                for fn in ("xfrm_input", "xfrm_output") for kind in ("fentry", "fexit")]
+        return main + [Probe("fentry", a, f"kfunc__{a}", False) for a in ANCHORS]
+    main = [Probe(kind, fn, f"{'kp' if kind == 'kprobe' else 'kr'}_{fn}", True)
+            for fn in ("xfrm_input", "xfrm_output") for kind in ("kprobe", "kretprobe")]
+    return main + [Probe("kprobe", a, fn, False) for a, fn in ANCHORS.items()]
+
+
+def manual_bpf(BPF: Any) -> Any:
+    """bcc's BPF class without its attach-on-load of programs named by prefix (kfunc__*,
+    raw_tracepoint__*): we attach each program ourselves and can tell which one failed."""
+
+    class ManualBPF(BPF):  # type: ignore[misc, valid-type]
+        def _trace_autoload(self) -> None:
+            return None
+
+    return ManualBPF
 
 
 _addrs: dict[tuple[int, bytes], str | None] = {}
@@ -120,7 +182,7 @@ def decode(raw: bytes, wall_minus_mono: int, reasons: dict[int, str],
     return ev
 
 
-def _load_bcc() -> Any:
+def load_bcc() -> Any:
     try:
         from bcc import BPF
     except ImportError as err:
@@ -130,17 +192,29 @@ def _load_bcc() -> Any:
 
 
 class KprobeSource:
-    """Compiles and attaches xfrm_probes.c; a thread polls the perf buffer into Events."""
+    """Compiles and attaches xfrm_probes.c; a thread polls the perf buffer into Events.
+
+    `mechanism`: "fentry" (BPF trampolines: the cheapest way in, needs kernel BTF), "kprobe", or
+    "auto": fentry where bcc says the kernel supports it, kprobes otherwise or if fentry fails
+    to load (the reason goes to `progress` and `fallback`). Either way the source is named
+    "kprobe" (our xfrm probes); `mechanism` and `attached` say what was actually used."""
 
     name = SOURCE
 
     def __init__(self, wall_minus_mono_ns: int, netns_inode: int | None = None, keep_all_drops: bool = False,
-                 progress: Callable[[str], None] | None = None, page_cnt: int = 256) -> None:
+                 progress: Callable[[str], None] | None = None, page_cnt: int = 256,
+                 mechanism: str = "auto") -> None:
+        if mechanism not in MECHANISMS:
+            raise ValueError(f"mechanism {mechanism!r} not in {MECHANISMS}")
         self.offset = wall_minus_mono_ns
         self.netns_inode = netns_inode
         self.keep_all_drops = keep_all_drops
         self.progress = progress or (lambda _msg: None)
         self.page_cnt = page_cnt
+        self.wanted_mechanism = mechanism
+        self.mechanism = ""  # fentry | kprobe once attached
+        self.fallback = ""  # why auto did not get fentry
+        self.probes: list[Probe] = []
         self.count = 0
         self.lost = 0
         self.per_kind: dict[str, int] = {}
@@ -155,41 +229,68 @@ class KprobeSource:
         self._ksyms: Kallsyms | None = None
 
     def attach(self) -> None:
-        BPF = _load_bcc()
+        BPF = load_bcc()
         tracefs = Tracefs()
         try:
             self._reasons = reason_names(tracefs.read(os.path.join(EVENT_DIR, "format")))
         finally:
             tracefs.close()
         self._ksyms = Kallsyms()
+        mechanism = self.wanted_mechanism
+        if mechanism == "auto":
+            mechanism = "fentry" if BPF.support_kfunc() else "kprobe"
+            if mechanism == "kprobe":
+                self.fallback = "no fentry/fexit here (needs x86-64, kernel BTF, BPF trampolines)"
+        self.progress(f"compiling the kernel probes ({mechanism}) with bcc "
+                      "(80-120 s under emulation, a few s on hardware)")
+        try:
+            self._load(BPF, mechanism)
+        except UserError as err:
+            if self.wanted_mechanism != "auto" or mechanism != "fentry":
+                raise
+            self.fallback = f"fentry failed: {err}"
+            self.progress(f"{self.fallback}; compiling kprobes instead")
+            self._load(BPF, "kprobe")
+        self.bpf["events"].open_perf_buffer(self._on_sample, page_cnt=self.page_cnt, lost_cb=self._on_lost)
+
+    def _load(self, BPF: Any, mechanism: str) -> None:
+        """Compile for `mechanism` and attach each program ourselves, so that a missing anchor
+        costs only its own program (bcc would attach fentry programs while loading, all or none)."""
         cflags = [f"-DNETNS_FILTER={self.netns_inode or 0}"]
-        self.progress("compiling the kernel probes with bcc (80-120 s under emulation, a few s on hardware)")
+        if mechanism == "fentry":
+            cflags.append("-DUSE_FENTRY=1")
         t0 = time.monotonic()
         try:
-            self.bpf = BPF(src_file=str(PROGRAM).encode(), cflags=cflags)
+            bpf = manual_bpf(BPF)(src_file=str(PROGRAM).encode(), cflags=cflags)
         except Exception as err:  # bcc raises plain Exception on compile/load errors
-            raise UserError(f"cannot compile the kernel probes: {err} (are the kernel headers for "
-                            f"{os.uname().release} installed? apt-get install linux-headers-$(uname -r))") \
-                from err
-        self.compile_s = time.monotonic() - t0
-        for event, fn, ret, required in PROBES:
-            try:
-                if ret:
-                    self.bpf.attach_kretprobe(event=event, fn_name=fn)
-                else:
-                    self.bpf.attach_kprobe(event=event, fn_name=fn)
-                self.attached.append(f"{'kretprobe' if ret else 'kprobe'}:{event}")
-            except Exception as err:
-                if required:
-                    self.bpf.cleanup()
-                    raise UserError(f"cannot attach a kprobe to {event}: {err}") from err
-                self.missing.append(event)
+            raise UserError(f"cannot compile the kernel probes ({mechanism}): {err} (are the kernel "
+                            f"headers for {os.uname().release} installed? apt-get install "
+                            "linux-headers-$(uname -r))") from err
+        self.compile_s += time.monotonic() - t0
         if not self.keep_all_drops:
-            skip = self.bpf["skip_reason"]
+            skip = bpf["skip_reason"]
             for number, name in self._reasons.items():
                 if 0 <= number < len(skip) and name.startswith(NOT_IPSEC_REASONS):
                     skip[ctypes.c_int(number)] = ctypes.c_ubyte(1)
-        self.bpf["events"].open_perf_buffer(self._on_sample, page_cnt=self.page_cnt, lost_cb=self._on_lost)
+        self.probes, self.attached, self.missing = [], [], []
+        for probe in probes(mechanism):
+            try:
+                probe.attach(bpf)
+            except Exception as err:
+                if probe.required:
+                    bpf.cleanup()
+                    raise UserError(f"cannot attach {probe.label}: {err}") from err
+                self.missing.append(probe.target)
+                continue
+            self.probes.append(probe)
+            self.attached.append(probe.label)
+        try:
+            bpf.attach_raw_tracepoint(tp=DROP_TRACEPOINT, fn_name=DROP_FN)
+        except Exception as err:
+            bpf.cleanup()
+            raise UserError(f"cannot attach raw_tracepoint:{DROP_TRACEPOINT}: {err}") from err
+        self.attached.append(f"raw_tracepoint:{DROP_TRACEPOINT}")
+        self.bpf, self.mechanism = bpf, mechanism
 
     def _on_lost(self, n: int) -> None:
         self.lost += n

@@ -5,6 +5,8 @@ xfrm_output with SPI, seq and return code, the audit anchors and skb:kfree_skb f
 kernel has kprobes and bcc and headers are installed; otherwise skb:kfree_skb through a tracefs
 instance. /proc/net/xfrm_stat deltas and XFRM monitor events run in both cases. Every source
 reports why it is on or off, and that list goes into the log header and onto stderr.
+"kprobe" names our xfrm probes, however attached: fentry/fexit (BPF trampolines, cheaper) where
+the kernel has BTF and trampolines, kprobe/kretprobe otherwise; the attach line says which.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def kprobe_status() -> SourceStatus:
         return SourceStatus("kprobe", False, f"no kernel headers at {build}: {BCC_INSTALL}")
     if os.geteuid() != 0:
         return SourceStatus("kprobe", False, "needs root to load BPF programs")
-    return SourceStatus("kprobe", True, "bcc kprobes on xfrm_input/xfrm_output, audit anchors, skb:kfree_skb")
+    return SourceStatus("kprobe", True, "bcc probes on xfrm_input/xfrm_output and the audit anchors "
+                        "(fentry/fexit where the kernel has BPF trampolines, else kprobes), skb:kfree_skb")
 
 
 def tracepoint_status() -> SourceStatus:
@@ -194,7 +197,12 @@ class KernelEvents:
                 src.start(self.writer.write)
                 self.running.append(src)
                 spent = time.monotonic() - t0
-                if spent > 1:
+                attached = getattr(src, "attached", None)
+                if attached:  # what the kprobe source really used: fentry/fexit or kprobes
+                    fallback = getattr(src, "fallback", "")
+                    self.progress(f"{status.name} source attached in {spent:.1f} s: {', '.join(attached)}"
+                                  + (f" ({fallback})" if fallback else ""))
+                elif spent > 1:
                     self.progress(f"{status.name} source attached in {spent:.1f} s")
         except BaseException:
             self.stop()

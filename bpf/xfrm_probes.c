@@ -1,15 +1,31 @@
 /* ipsec-capture kernel probes (bcc): one event shape for every probe, mirrored by
  * EVENT in kprobes.py (keep both in the same order; the lab test checks the size).
  *
- * xfrm_input  kprobe+kretprobe: skb is the outer ESP packet, SPI and seq read from the ESP header
+ * xfrm_input  entry+return: skb is the outer ESP packet, SPI and seq read from the ESP header
  *             (the spi argument is 0 on the normal path). ret 0 is NOT "accepted": xfrm_input also
  *             returns 0 on its own drop path and when crypto goes async.
- * xfrm_output kprobe+kretprobe: skb is the inner packet, the SA is skb_dst(skb)->xfrm; the
+ * xfrm_output entry+return: skb is the inner packet, the SA is skb_dst(skb)->xfrm; the
  *             sequence number is the SA's oseq after the call. -EINPROGRESS is async, not an error.
  * xfrm_audit_state_*: anchors that name a cause (called whether auditing is on or not).
- * skb:kfree_skb: every drop with its reason and location (user space keeps the xfrm ones).
+ * skb:kfree_skb (raw tracepoint: no trace record is built): every drop with its reason and
+ *             location (user space keeps the xfrm ones).
  *
- * Entry and return pair by the stack pointer at entry (softirq: the pid is whoever ran).
+ * Two attach mechanisms, one body each, chosen by cflag (kprobes.py picks):
+ *   USE_FENTRY=1  fentry/fexit (BPF trampolines; the kernel needs BTF): arguments are BTF-typed
+ *                 pointers, so LOAD() of their fields is a plain load the verifier makes safe;
+ *                 the return program sees the arguments and ret together.
+ *   otherwise     kprobe/kretprobe: every kernel read is a bpf_probe_read_kernel call, so the
+ *                 sk_buff is copied once (SKB_VIEW) and the rest read in spans.
+ * Pointers that are not arguments (the SA behind skb_dst, the packet bytes, raw tracepoint
+ * arguments) are untyped in both: KREAD() always goes through bpf_probe_read_kernel.
+ *
+ * Entry and return pair by the frame of the call (softirq: the pid is whoever ran): the stack
+ * pointer at a kprobe's entry (the kretprobe sees it one slot higher), or under fentry the
+ * trampoline's frame, which its fentry and fexit programs both get as ctx.
+ *   xfrm_input  always runs in softirq / with BH disabled (no preemption, no migration), so its
+ *               calls nest strictly on a CPU: a per-CPU stack of slots, no hash map.
+ *   xfrm_output may run in process context and be preempted (and migrated, preempt=full) in
+ *               the middle: a hash keyed by the frame.
  * NETNS_FILTER (cflag) keeps one namespace's events; 0 keeps all.
  */
 #include <uapi/linux/ptrace.h>
@@ -63,212 +79,282 @@ struct ipsec_event {
     u8 sa_daddr[16];
 };
 
+#define KREAD(dst, src) bpf_probe_read_kernel(&(dst), sizeof(dst), &(src))
+
+#ifdef USE_FENTRY
+#define LOAD(dst, src) ((dst) = (src))
+#define SKB_VIEW(skb) (skb)
+#else
+#define LOAD(dst, src) KREAD(dst, src)
+/* kprobe programs never nest on a CPU (the kernel skips one that would), so one slot serves
+   them all; the raw tracepoint, which may interrupt them, never uses it */
+BPF_PERCPU_ARRAY(skb_scratch, struct sk_buff, 1);
+static __always_inline struct sk_buff *skb_view(struct sk_buff *skb)
+{
+    int zero = 0;
+    struct sk_buff *copy = skb_scratch.lookup(&zero);
+    if (copy && bpf_probe_read_kernel(copy, sizeof(*copy), skb) != 0)
+        return NULL;
+    return copy;
+}
+#define SKB_VIEW(skb) skb_view(skb)
+#endif
+
 BPF_PERF_OUTPUT(events);
-BPF_PERCPU_ARRAY(scratch, struct ipsec_event, 1);
-/* separate maps: a softirq running xfrm_input may interrupt a task inside xfrm_output */
-BPF_HASH(in_flight, u64, struct ipsec_event, 4096);
-BPF_HASH(out_flight, u64, struct ipsec_event, 4096);
-BPF_HASH(out_state, u64, u64, 4096);
+
+#define IN_DEPTH 4   /* xfrm_input nests only for ESP in ESP; more are orphans (see in_push) */
+struct in_slot {
+    u64 frame;
+    u64 keep;        /* 0: another namespace's packet, popped without a word */
+    struct ipsec_event e;
+};
+struct in_stack {
+    u64 depth;
+    struct in_slot slot[IN_DEPTH];
+};
+BPF_PERCPU_ARRAY(in_flight, struct in_stack, 1);
+
+struct out_call {
+    struct ipsec_event e;
+    u64 x;           /* the SA: its oseq is read at return */
+    u32 esn;         /* XFRM_STATE_ESN set on it */
+};
+BPF_HASH(out_flight, u64, struct out_call, 4096);
+
 /* drop reasons that socket, transport, neighbour or qdisc code raises, never xfrm/esp/ah code:
    set by user space from this kernel's enum; such drops (a receiver's full socket buffer: one
    per packet) never leave the kernel */
 BPF_ARRAY(skip_reason, u8, 1024);
 
-static __always_inline struct ipsec_event *blank(void)
+static __always_inline int wanted(u32 netns)
 {
-    int zero = 0;
-    struct ipsec_event *e = scratch.lookup(&zero);
-    if (e)
-        __builtin_memset(e, 0, sizeof(*e));
-    return e;
+    return NETNS_FILTER == 0 || netns == 0 || netns == NETNS_FILTER;
 }
 
-static __always_inline u32 dev_netns(struct net_device *dev)
+/* the device's namespace and index; `dev` comes from a LOADed sk_buff field */
+static __always_inline void read_dev(struct ipsec_event *e, struct net_device *dev)
 {
     struct net *net = NULL;
-    u32 inum = 0;
     if (!dev)
-        return 0;
-    bpf_probe_read_kernel(&net, sizeof(net), &dev->nd_net.net);
+        return;
+    LOAD(e->ifindex, dev->ifindex);
+    LOAD(net, dev->nd_net.net);
     if (net)
-        bpf_probe_read_kernel(&inum, sizeof(inum), &net->ns.inum);
-    return inum;
+        LOAD(e->netns, net->ns.inum);
 }
 
-static __always_inline void read_skb(struct ipsec_event *e, struct sk_buff *skb)
+/* the skb's IP header (outer on input, inner on output), one read for either family */
+static __always_inline void read_l3(struct ipsec_event *e, struct sk_buff *s)
 {
-    struct net_device *dev = NULL;
-    unsigned char *head = NULL;
-    u16 nh = 0;
-    u8 vb = 0;
-
-    e->skb = (u64)skb;
-    bpf_probe_read_kernel(&e->len, sizeof(e->len), &skb->len);
-    bpf_probe_read_kernel(&e->mark, sizeof(e->mark), &skb->mark);
-    __be16 proto = 0;
-    bpf_probe_read_kernel(&proto, sizeof(proto), &skb->protocol);
-    e->protocol = bpf_ntohs(proto);
-    bpf_probe_read_kernel(&dev, sizeof(dev), &skb->dev);
-    if (dev) {
-        bpf_probe_read_kernel(&e->ifindex, sizeof(e->ifindex), &dev->ifindex);
-        e->netns = dev_netns(dev);
-    }
-    bpf_probe_read_kernel(&head, sizeof(head), &skb->head);
-    bpf_probe_read_kernel(&nh, sizeof(nh), &skb->network_header);
+    union {
+        u8 b[sizeof(struct ipv6hdr)];
+        struct iphdr ip;
+        struct ipv6hdr ip6;
+    } h;
+    unsigned char *head = s->head;
+    u16 nh = s->network_header;
     if (!head || nh == (u16)~0U)
         return;
-    bpf_probe_read_kernel(&vb, 1, head + nh);
-    if ((vb >> 4) == 4) {
-        struct iphdr ip = {};
-        bpf_probe_read_kernel(&ip, sizeof(ip), head + nh);
+    if (bpf_probe_read_kernel(&h, sizeof(h), head + nh) != 0)
+        return;
+    if ((h.b[0] >> 4) == 4) {
         e->family = AF_INET;
-        e->l4proto = ip.protocol;
-        __builtin_memcpy(e->saddr, &ip.saddr, 4);
-        __builtin_memcpy(e->daddr, &ip.daddr, 4);
-    } else if ((vb >> 4) == 6) {
-        struct ipv6hdr ip6 = {};
-        bpf_probe_read_kernel(&ip6, sizeof(ip6), head + nh);
+        e->l4proto = h.ip.protocol;
+        __builtin_memcpy(e->saddr, &h.ip.saddr, 4);
+        __builtin_memcpy(e->daddr, &h.ip.daddr, 4);
+    } else if ((h.b[0] >> 4) == 6) {
         e->family = AF_INET6;
-        e->l4proto = ip6.nexthdr;
-        __builtin_memcpy(e->saddr, &ip6.saddr, 16);
-        __builtin_memcpy(e->daddr, &ip6.daddr, 16);
+        e->l4proto = h.ip6.nexthdr;
+        __builtin_memcpy(e->saddr, &h.ip6.saddr, 16);
+        __builtin_memcpy(e->daddr, &h.ip6.daddr, 16);
     }
 }
 
-static __always_inline void read_state(struct ipsec_event *e, struct xfrm_state *x)
+/* everything but the IP header, from an sk_buff view (SKB_VIEW) */
+static __always_inline void read_skb_fields(struct ipsec_event *e, struct sk_buff *s)
 {
-    struct net *net = NULL;
-    bpf_probe_read_kernel(&e->spi, sizeof(e->spi), &x->id.spi);
-    bpf_probe_read_kernel(e->sa_daddr, 16, &x->id.daddr);
-    bpf_probe_read_kernel(e->sa_saddr, 16, &x->props.saddr);
-    bpf_probe_read_kernel(&e->mode, sizeof(e->mode), &x->props.mode);
-    u16 fam = 0;
-    bpf_probe_read_kernel(&fam, sizeof(fam), &x->props.family);
-    e->sa_family = fam;
-    bpf_probe_read_kernel(&net, sizeof(net), &x->xs_net.net);
+    e->len = s->len;
+    e->mark = s->mark;
+    e->protocol = bpf_ntohs(s->protocol);
+    read_dev(e, s->dev);
+}
+
+/* the SA's reported fields all lie in its first bytes (xs_net, id, props): one read of them */
+#define SA_HEAD (offsetof(struct xfrm_state, props.saddr) + sizeof(xfrm_address_t))
+static __always_inline u32 read_state(struct ipsec_event *e, struct xfrm_state *x)
+{
+    u64 raw[(SA_HEAD + 7) / 8];
+    struct xfrm_state *c = (struct xfrm_state *)raw;
+    struct net *net;
+    if (bpf_probe_read_kernel(raw, sizeof(raw), x) != 0)
+        return 0;
+    e->spi = c->id.spi;
+    __builtin_memcpy(e->sa_daddr, &c->id.daddr, 16);
+    __builtin_memcpy(e->sa_saddr, &c->props.saddr, 16);
+    e->mode = c->props.mode;
+    e->sa_family = c->props.family;
+    net = c->xs_net.net;
     if (net)
-        bpf_probe_read_kernel(&e->netns, sizeof(e->netns), &net->ns.inum);
+        KREAD(e->netns, net->ns.inum);
+    return c->props.flags;
 }
 
 /* the sequence number last given out on this SA (ESN and big windows keep it in replay_esn) */
-static __always_inline void read_oseq(struct ipsec_event *e, struct xfrm_state *x)
+static __always_inline void read_oseq(struct ipsec_event *e, struct xfrm_state *x, u32 esn_flag)
 {
     struct xfrm_replay_state_esn *esn = NULL;
-    u32 xflags = 0;
-    bpf_probe_read_kernel(&esn, sizeof(esn), &x->replay_esn);
+    KREAD(esn, x->replay_esn);
     if (esn) {
-        bpf_probe_read_kernel(&e->seq, sizeof(e->seq), &esn->oseq);
-        bpf_probe_read_kernel(&xflags, sizeof(xflags), &x->props.flags);
-        if (xflags & XFRM_STATE_ESN) {
-            bpf_probe_read_kernel(&e->seq_hi, sizeof(e->seq_hi), &esn->oseq_hi);
+        u32 v[3];   /* oseq, seq, oseq_hi: adjacent in xfrm_replay_state_esn */
+        bpf_probe_read_kernel(v, sizeof(v), &esn->oseq);
+        e->seq = v[0];
+        if (esn_flag) {
+            e->seq_hi = v[2];
             e->flags |= F_ESN;
         }
     } else {
-        bpf_probe_read_kernel(&e->seq, sizeof(e->seq), &x->replay.oseq);
+        KREAD(e->seq, x->replay.oseq);
     }
-}
-
-static __always_inline int wanted(struct ipsec_event *e)
-{
-    return NETNS_FILTER == 0 || e->netns == 0 || e->netns == NETNS_FILTER;
 }
 
 /* ---- xfrm_input ---- */
 
-int kp_xfrm_input(struct pt_regs *ctx, struct sk_buff *skb, int nexthdr, __be32 spi, int encap_type)
+/* A slot on this CPU's stack. Only a call whose return was never seen (attached or detached in
+   between, a kretprobe out of instances) leaves one behind; such orphans are dropped when a
+   return finds its own slot under them, and the stack starts over when full. */
+static __always_inline struct in_slot *in_push(u64 frame)
 {
-    u64 sp = PT_REGS_SP(ctx);
-    struct ipsec_event *e = blank();
-    if (!e)
+    int zero = 0;
+    struct in_stack *st = in_flight.lookup(&zero);
+    if (!st)
+        return NULL;
+    u64 d = st->depth;
+    if (d >= IN_DEPTH)
+        d = 0;
+    st->depth = d + 1;
+    struct in_slot *slot = &st->slot[d & (IN_DEPTH - 1)];
+    slot->frame = frame;
+    slot->keep = 0;
+    return slot;
+}
+
+static __always_inline struct in_slot *in_pop(u64 frame)
+{
+    int zero = 0;
+    struct in_stack *st = in_flight.lookup(&zero);
+    if (!st)
+        return NULL;
+    u64 d = st->depth;
+    int found = -1;
+#pragma unroll
+    for (int i = IN_DEPTH - 1; i >= 0; i--) {
+        if (found < 0 && i < d && st->slot[i].frame == frame)
+            found = i;
+    }
+    if (found < 0)
+        return NULL;
+    st->depth = found;
+    return &st->slot[found & (IN_DEPTH - 1)];
+}
+
+static __always_inline int on_input(void *ctx, u64 frame, struct sk_buff *skb, int nexthdr,
+                                    __be32 spi, int encap_type)
+{
+    struct in_slot *slot = in_push(frame);
+    struct sk_buff *s = SKB_VIEW(skb);
+    if (!slot || !s)
         return 0;
+    struct ipsec_event *e = &slot->e;
+    __builtin_memset(e, 0, sizeof(*e));
+    read_skb_fields(e, s);
+    if (!wanted(e->netns))
+        return 0;
+    slot->keep = 1;
     e->kind = K_XFRM_INPUT;
+    e->skb = (u64)skb;
     e->encap = encap_type;
     e->spi = spi;
-    read_skb(e, skb);
+    read_l3(e, s);
     if (encap_type == -1) {
         e->flags |= F_RESUMED;
     } else if (nexthdr == IPPROTO_ESP) {
         /* first pass: skb->data is the ESP header (also after NAT-T's UDP header is pulled) */
-        unsigned char *data = NULL;
         __be32 hdr[2] = {};
-        bpf_probe_read_kernel(&data, sizeof(data), &skb->data);
-        bpf_probe_read_kernel(hdr, sizeof(hdr), data);
+        bpf_probe_read_kernel(hdr, sizeof(hdr), s->data);
         e->spi = hdr[0];
         e->seq = bpf_ntohl(hdr[1]);
     }
-    if (!wanted(e))
-        return 0;
-    in_flight.update(&sp, e);
     return 0;
 }
 
-/* the return address was popped: the stack pointer is one slot above the entry's */
-int kr_xfrm_input(struct pt_regs *ctx)
+static __always_inline int on_input_ret(void *ctx, u64 frame, int ret)
 {
-    u64 sp = PT_REGS_SP(ctx) - sizeof(long);
-    struct ipsec_event *e = in_flight.lookup(&sp);
-    if (!e)
+    struct in_slot *slot = in_pop(frame);
+    if (!slot || !slot->keep)
         return 0;
-    e->ret = (s64)(int)PT_REGS_RC(ctx);
-    e->ts = bpf_ktime_get_ns();
-    events.perf_submit(ctx, e, sizeof(*e));
-    in_flight.delete(&sp);
+    slot->e.ret = ret;
+    slot->e.ts = bpf_ktime_get_ns();
+    events.perf_submit(ctx, &slot->e, sizeof(slot->e));
     return 0;
 }
 
 /* ---- xfrm_output ---- */
 
-int kp_xfrm_output(struct pt_regs *ctx, struct sock *sk, struct sk_buff *skb)
+static __always_inline int on_output(void *ctx, u64 frame, struct sk_buff *skb)
 {
-    u64 sp = PT_REGS_SP(ctx);
-    unsigned long refdst = 0;
+    struct out_call o = {};
+    struct sk_buff *s = SKB_VIEW(skb);
     struct xfrm_state *x = NULL;
-    struct ipsec_event *e = blank();
-    if (!e)
+    if (!s)
         return 0;
-    e->kind = K_XFRM_OUTPUT;
-    read_skb(e, skb);
-    bpf_probe_read_kernel(&refdst, sizeof(refdst), &skb->_skb_refdst);
-    struct dst_entry *dst = (struct dst_entry *)(refdst & SKB_DST_PTRMASK);
+    struct dst_entry *dst = (struct dst_entry *)(s->_skb_refdst & SKB_DST_PTRMASK);
+    read_skb_fields(&o.e, s);
     if (dst)
-        bpf_probe_read_kernel(&x, sizeof(x), &dst->xfrm);
+        KREAD(x, dst->xfrm);
     if (x) {
-        read_state(e, x);
-        u64 xp = (u64)x;
-        out_state.update(&sp, &xp);
+        o.esn = read_state(&o.e, x) & XFRM_STATE_ESN;
+        o.x = (u64)x;
     }
-    if (!wanted(e)) {
-        out_state.delete(&sp);
+    if (!wanted(o.e.netns))
         return 0;
-    }
-    out_flight.update(&sp, e);
+    o.e.kind = K_XFRM_OUTPUT;
+    o.e.skb = (u64)skb;
+    read_l3(&o.e, s);
+    out_flight.update(&frame, &o);
     return 0;
 }
 
-int kr_xfrm_output(struct pt_regs *ctx)
+static __always_inline int on_output_ret(void *ctx, u64 frame, int ret)
 {
-    u64 sp = PT_REGS_SP(ctx) - sizeof(long);
-    struct ipsec_event *e = out_flight.lookup(&sp);
-    if (!e)
+    struct out_call *o = out_flight.lookup(&frame);
+    if (!o)
         return 0;
-    u64 *xp = out_state.lookup(&sp);
-    if (xp) {
-        read_oseq(e, (struct xfrm_state *)*xp);
-        out_state.delete(&sp);
-    }
-    e->ret = (s64)(int)PT_REGS_RC(ctx);
-    e->ts = bpf_ktime_get_ns();
-    events.perf_submit(ctx, e, sizeof(*e));
-    out_flight.delete(&sp);
+    if (o->x)
+        read_oseq(&o->e, (struct xfrm_state *)o->x, o->esn);
+    o->e.ret = ret;
+    o->e.ts = bpf_ktime_get_ns();
+    events.perf_submit(ctx, &o->e, sizeof(o->e));
+    out_flight.delete(&frame);
     return 0;
 }
 
 /* ---- anchors ---- */
 
-static __always_inline void submit_anchor(struct pt_regs *ctx, struct ipsec_event *e)
+static __always_inline void anchor_skb(struct ipsec_event *e, u32 kind, struct sk_buff *skb)
+{
+    struct sk_buff *s = SKB_VIEW(skb);
+    e->kind = kind;
+    e->skb = (u64)skb;
+    if (s) {
+        read_skb_fields(e, s);
+        read_l3(e, s);
+    }
+}
+
+static __always_inline void submit_anchor(void *ctx, struct ipsec_event *e)
 {
     e->ts = bpf_ktime_get_ns();
-    if (wanted(e))
+    if (wanted(e->netns))
         events.perf_submit(ctx, e, sizeof(*e));
 }
 
@@ -281,97 +367,185 @@ static __always_inline u32 cb_input_seq(struct sk_buff *skb)
     return bpf_ntohl(seq);
 }
 
+static __always_inline int on_notfound(void *ctx, struct sk_buff *skb, u16 family, __be32 net_spi,
+                                       __be32 net_seq)
+{
+    struct ipsec_event e = {};
+    anchor_skb(&e, K_NOTFOUND, skb);
+    e.sa_family = family;
+    e.spi = net_spi;
+    e.seq = bpf_ntohl(net_seq);
+    submit_anchor(ctx, &e);
+    return 0;
+}
+
+static __always_inline int on_notfound_simple(void *ctx, struct sk_buff *skb, u16 family)
+{
+    struct ipsec_event e = {};
+    anchor_skb(&e, K_NOTFOUND, skb);
+    e.sa_family = family;
+    submit_anchor(ctx, &e);
+    return 0;
+}
+
+static __always_inline int on_icvfail(void *ctx, struct xfrm_state *x, struct sk_buff *skb)
+{
+    struct ipsec_event e = {};
+    anchor_skb(&e, K_ICVFAIL, skb);
+    read_state(&e, x);
+    e.seq = cb_input_seq(skb);
+    submit_anchor(ctx, &e);
+    return 0;
+}
+
+static __always_inline int on_replay(void *ctx, struct xfrm_state *x, struct sk_buff *skb, __be32 net_seq)
+{
+    struct ipsec_event e = {};
+    anchor_skb(&e, K_REPLAY, skb);
+    read_state(&e, x);
+    e.seq = bpf_ntohl(net_seq);
+    submit_anchor(ctx, &e);
+    return 0;
+}
+
+static __always_inline int on_replay_overflow(void *ctx, struct xfrm_state *x, struct sk_buff *skb)
+{
+    struct ipsec_event e = {};
+    anchor_skb(&e, K_REPLAY_OVERFLOW, skb);
+    read_oseq(&e, x, read_state(&e, x) & XFRM_STATE_ESN);
+    submit_anchor(ctx, &e);
+    return 0;
+}
+
+/* ---- the attach points: fentry/fexit ... ---- */
+#ifdef USE_FENTRY
+
+KFUNC_PROBE(xfrm_input, struct sk_buff *skb, int nexthdr, __be32 spi, int encap_type)
+{
+    return on_input(ctx, (u64)ctx, skb, nexthdr, spi, encap_type);
+}
+
+/* the skb may be gone by now (delivered, freed): everything was read at entry */
+KRETFUNC_PROBE(xfrm_input, struct sk_buff *skb, int nexthdr, __be32 spi, int encap_type, int ret)
+{
+    return on_input_ret(ctx, (u64)ctx, ret);
+}
+
+KFUNC_PROBE(xfrm_output, struct sock *sk, struct sk_buff *skb)
+{
+    return on_output(ctx, (u64)ctx, skb);
+}
+
+KRETFUNC_PROBE(xfrm_output, struct sock *sk, struct sk_buff *skb, int ret)
+{
+    return on_output_ret(ctx, (u64)ctx, ret);
+}
+
+KFUNC_PROBE(xfrm_audit_state_notfound, struct sk_buff *skb, u16 family, __be32 net_spi, __be32 net_seq)
+{
+    return on_notfound(ctx, skb, family, net_spi, net_seq);
+}
+
+KFUNC_PROBE(xfrm_audit_state_notfound_simple, struct sk_buff *skb, u16 family)
+{
+    return on_notfound_simple(ctx, skb, family);
+}
+
+KFUNC_PROBE(xfrm_audit_state_icvfail, struct xfrm_state *x, struct sk_buff *skb, u8 proto)
+{
+    return on_icvfail(ctx, x, skb);
+}
+
+KFUNC_PROBE(xfrm_audit_state_replay, struct xfrm_state *x, struct sk_buff *skb, __be32 net_seq)
+{
+    return on_replay(ctx, x, skb, net_seq);
+}
+
+KFUNC_PROBE(xfrm_audit_state_replay_overflow, struct xfrm_state *x, struct sk_buff *skb)
+{
+    return on_replay_overflow(ctx, x, skb);
+}
+
+/* ---- ... or kprobe/kretprobe ---- */
+#else
+
+int kp_xfrm_input(struct pt_regs *ctx, struct sk_buff *skb, int nexthdr, __be32 spi, int encap_type)
+{
+    return on_input(ctx, PT_REGS_SP(ctx), skb, nexthdr, spi, encap_type);
+}
+
+/* the return address was popped: the stack pointer is one slot above the entry's */
+int kr_xfrm_input(struct pt_regs *ctx)
+{
+    return on_input_ret(ctx, PT_REGS_SP(ctx) - sizeof(long), (int)PT_REGS_RC(ctx));
+}
+
+int kp_xfrm_output(struct pt_regs *ctx, struct sock *sk, struct sk_buff *skb)
+{
+    return on_output(ctx, PT_REGS_SP(ctx), skb);
+}
+
+int kr_xfrm_output(struct pt_regs *ctx)
+{
+    return on_output_ret(ctx, PT_REGS_SP(ctx) - sizeof(long), (int)PT_REGS_RC(ctx));
+}
+
 int kp_notfound(struct pt_regs *ctx, struct sk_buff *skb, u16 family, __be32 net_spi, __be32 net_seq)
 {
-    struct ipsec_event *e = blank();
-    if (!e)
-        return 0;
-    e->kind = K_NOTFOUND;
-    read_skb(e, skb);
-    e->sa_family = family;
-    e->spi = net_spi;
-    e->seq = bpf_ntohl(net_seq);
-    submit_anchor(ctx, e);
-    return 0;
+    return on_notfound(ctx, skb, family, net_spi, net_seq);
 }
 
 int kp_notfound_simple(struct pt_regs *ctx, struct sk_buff *skb, u16 family)
 {
-    struct ipsec_event *e = blank();
-    if (!e)
-        return 0;
-    e->kind = K_NOTFOUND;
-    read_skb(e, skb);
-    e->sa_family = family;
-    submit_anchor(ctx, e);
-    return 0;
+    return on_notfound_simple(ctx, skb, family);
 }
 
 int kp_icvfail(struct pt_regs *ctx, struct xfrm_state *x, struct sk_buff *skb, u8 proto)
 {
-    struct ipsec_event *e = blank();
-    if (!e)
-        return 0;
-    e->kind = K_ICVFAIL;
-    read_skb(e, skb);
-    read_state(e, x);
-    e->seq = cb_input_seq(skb);
-    submit_anchor(ctx, e);
-    return 0;
+    return on_icvfail(ctx, x, skb);
 }
 
 int kp_replay(struct pt_regs *ctx, struct xfrm_state *x, struct sk_buff *skb, __be32 net_seq)
 {
-    struct ipsec_event *e = blank();
-    if (!e)
-        return 0;
-    e->kind = K_REPLAY;
-    read_skb(e, skb);
-    read_state(e, x);
-    e->seq = bpf_ntohl(net_seq);
-    submit_anchor(ctx, e);
-    return 0;
+    return on_replay(ctx, x, skb, net_seq);
 }
 
 int kp_replay_overflow(struct pt_regs *ctx, struct xfrm_state *x, struct sk_buff *skb)
 {
-    struct ipsec_event *e = blank();
-    if (!e)
-        return 0;
-    e->kind = K_REPLAY_OVERFLOW;
-    read_skb(e, skb);
-    read_state(e, x);
-    read_oseq(e, x);
-    submit_anchor(ctx, e);
-    return 0;
+    return on_replay_overflow(ctx, x, skb);
 }
 
-/* ---- drops ---- */
+#endif
 
-TRACEPOINT_PROBE(skb, kfree_skb)
+/* ---- drops: TP_PROTO(struct sk_buff *skb, void *location, enum skb_drop_reason reason) ---- */
+
+RAW_TRACEPOINT_PROBE(kfree_skb)
 {
-    u32 reason = args->reason;
+    u32 reason = ctx->args[2];
     u8 *skip = skip_reason.lookup(&reason);
     if (skip && *skip)
         return 0;
-    struct ipsec_event *e = blank();
+    struct sk_buff *skb = (struct sk_buff *)ctx->args[0];
     struct net_device *dev = NULL;
-    if (!e)
-        return 0;
-    struct sk_buff *skb = (struct sk_buff *)args->skbaddr;
-    e->kind = K_DROP;
-    e->skb = (u64)skb;
-    e->location = (u64)args->location;
-    e->reason = args->reason;
-    e->protocol = args->protocol;
-    bpf_probe_read_kernel(&dev, sizeof(dev), &skb->dev);
+    struct net *net = NULL;
+    __be16 proto = 0;
+    struct ipsec_event e = {};
+    e.kind = K_DROP;
+    e.skb = (u64)skb;
+    e.location = ctx->args[1];
+    e.reason = reason;
+    KREAD(proto, skb->protocol);
+    e.protocol = bpf_ntohs(proto);
+    KREAD(e.mark, skb->mark);
+    KREAD(dev, skb->dev);
     if (dev) {
-        bpf_probe_read_kernel(&e->ifindex, sizeof(e->ifindex), &dev->ifindex);
-        e->netns = dev_netns(dev);
+        KREAD(e.ifindex, dev->ifindex);
+        KREAD(net, dev->nd_net.net);
+        if (net)
+            KREAD(e.netns, net->ns.inum);
     }
-    bpf_probe_read_kernel(&e->mark, sizeof(e->mark), &skb->mark);
-    e->ts = bpf_ktime_get_ns();
-    if (wanted(e))
-        events.perf_submit(args, e, sizeof(*e));
+    e.ts = bpf_ktime_get_ns();
+    if (wanted(e.netns))
+        events.perf_submit(ctx, &e, sizeof(e));
     return 0;
 }

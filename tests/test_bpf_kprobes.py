@@ -6,7 +6,18 @@ from __future__ import annotations
 import re
 import socket
 
-from ipsec_capture.bpf.kprobes import EVENT, KINDS, PROGRAM, decode
+import pytest
+from ipsec_capture.bpf.kprobes import (
+    ANCHORS,
+    DROP_FN,
+    DROP_TRACEPOINT,
+    EVENT,
+    KINDS,
+    PROGRAM,
+    KprobeSource,
+    decode,
+    probes,
+)
 
 C_TO_STRUCT = {"u64": "Q", "s64": "q", "u32": "I", "s32": "i", "u16": "H", "u8": "B"}
 
@@ -62,3 +73,28 @@ def test_decode_drop_uses_this_kernels_reason_names():
 def test_decode_resumed_input_has_no_seq():
     ev = decode(_sample(flags=1, encap=-1, seq=0), 0, {}, None)
     assert ev.seq is None and ev.detail["resumed"] is True
+
+
+def test_probe_tables_name_the_programs_the_c_file_defines():
+    """Both mechanisms' tables against xfrm_probes.c: a renamed function would otherwise only fail
+    in the lab, after a 90 s compile. Entries come before their returns (attach order)."""
+    src = PROGRAM.read_text()
+    fentry_half, kprobe_half = src.split("/* ---- ... or kprobe/kretprobe ---- */")
+    for p in probes("fentry"):
+        macro = "KFUNC_PROBE" if p.kind == "fentry" else "KRETFUNC_PROBE"
+        assert re.search(rf"^{macro}\({p.target},", fentry_half, re.M), p
+        assert p.fn == f"{'kfunc' if p.kind == 'fentry' else 'kretfunc'}__{p.target}"
+    for p in probes("kprobe"):
+        assert re.search(rf"^int {p.fn}\(struct pt_regs \*ctx", kprobe_half, re.M), p
+    for mech, ret in (("fentry", "fexit"), ("kprobe", "kretprobe")):
+        labels = [p.label for p in probes(mech)]
+        for fn in ("xfrm_input", "xfrm_output"):
+            assert labels.index(f"{mech}:{fn}") < labels.index(f"{ret}:{fn}")
+        assert {p.target for p in probes(mech) if not p.required} == set(ANCHORS)
+    assert re.search(rf"^RAW_TRACEPOINT_PROBE\({DROP_TRACEPOINT}\)", src, re.M)
+    assert f"raw_tracepoint__{DROP_TRACEPOINT}" == DROP_FN
+
+
+def test_unknown_mechanism_is_refused():
+    with pytest.raises(ValueError, match="mechanism"):
+        KprobeSource(0, mechanism="uprobe")

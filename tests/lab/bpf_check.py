@@ -1,13 +1,15 @@
 """The kprobe source on a real kernel with ESP (run inside the lab VM, as root):
 
     /work/shared/lab/vmrun.sh --pvh -m 2G -c 2 --rw /tmp/ict-bpf -- \\
-        /work/main/.venv/bin/python /work/main/tests/lab/bpf_check.py /tmp/ict-bpf
+        /work/main/.venv/bin/python /work/main/tests/lab/bpf_check.py /tmp/ict-bpf [fentry|kprobe]
 
 Two namespaces, ESP transport with rfc4106(gcm(aes)) (20-byte key, ICV 128) set up by hand with
 `ip xfrm`. Proves: the probes compile and attach; each ping gives xfrm_output in the sender's
 namespace and xfrm_input in the receiver's, with the right SPI, consecutive sequence numbers and
 ret 0; after the receiver's SA is deleted, xfrm_input still says ret 0 (the trap) while notfound
 anchors and kfree_skb drops in xfrm_input name the packets, and XfrmInNoStates moves by as many.
+The second argument picks the mechanism (default fentry, which this lab kernel has: the check
+fails if it falls back); both must give the same events.
 Prints `N passed, M failed` and exits 0 only if all passed; writes the events log to OUT_DIR.
 """
 
@@ -84,12 +86,14 @@ def settle(src: KprobeSource) -> None:
 
 def main() -> int:
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "/tmp/ict-bpf"
+    mechanism = sys.argv[2] if len(sys.argv) > 2 else "fentry"
+    returns = "fexit" if mechanism == "fentry" else "kretprobe"
     os.makedirs(out_dir, exist_ok=True)
     teardown()
     setup()
     ino_a, ino_b = netns_inode(A), netns_inode(B)
     clock = clock_offsets()
-    path = os.path.join(out_dir, "bpf-check.events.jsonl")
+    path = os.path.join(out_dir, f"bpf-check-{mechanism}.events.jsonl")
     events: list[Event] = []
     writer = EventLogWriter(path, make_header(clock=clock, sources=[{"name": "kprobe", "active": True,
                                                                      "why": "lab check"}]))
@@ -98,16 +102,21 @@ def main() -> int:
         events.append(ev)
         writer.write(ev)
 
-    src = KprobeSource(clock["wall_minus_mono_ns"], progress=lambda m: print(m, flush=True))
+    src = KprobeSource(clock["wall_minus_mono_ns"], progress=lambda m: print(m, flush=True),
+                       mechanism=mechanism)
     t0 = time.monotonic()
     try:
         src.attach()
         attach_s = time.monotonic() - t0 - src.compile_s
         print(f"COMPILE compile_s={src.compile_s:.1f} attach_s={attach_s:.2f} "
               f"attached={src.attached} missing={src.missing}", flush=True)
-        check(True, "probes compile and attach")
-        check("kretprobe:xfrm_input" in src.attached and "kretprobe:xfrm_output" in src.attached,
-              "kretprobes on xfrm_input and xfrm_output attached")
+        check(src.mechanism == mechanism, f"probes compile and attach as {mechanism}: {src.mechanism}")
+        check(f"{returns}:xfrm_input" in src.attached and f"{returns}:xfrm_output" in src.attached,
+              f"{returns} on xfrm_input and xfrm_output attached")
+        check(not src.missing and sum(a.startswith(f"{'fentry' if mechanism == 'fentry' else 'kprobe'}:"
+                                                   "xfrm_audit_state_") for a in src.attached) == 5,
+              f"all five audit anchors attached (this kernel has them): missing {src.missing}")
+        check("raw_tracepoint:kfree_skb" in src.attached, "drops from the kfree_skb raw tracepoint")
         src.start(emit)
         t_wall0 = time.time_ns()
         ping(PINGS)
@@ -124,7 +133,7 @@ def main() -> int:
               )
         check(all(e.inner and e.inner["proto"] == 1 for e in outs), "output inner packet is ICMP")
         check(len(ins) == PINGS, f"xfrm_input events for spi {SPI_AB:#x}: {len(ins)} == {PINGS} "
-                                 "(entry/return paired by stack pointer)")
+                                 "(entry/return paired by frame)")
         check([e.seq for e in ins] == seqs, f"input seqs 1..{PINGS}: {[e.seq for e in ins]}")
         check(all(e.ret == 0 and e.netns == ino_b for e in ins), "input ret 0 in namespace b")
         check(all(e.tuple and e.tuple["src"] == A4 and e.tuple["proto"] == 50 for e in ins),
@@ -162,7 +171,8 @@ def main() -> int:
         teardown()
     _, logged = read_events(path)
     check(sum(1 for _ in logged) == len(events), f"events log holds all {len(events)} events")
-    print(f"SUMMARY per_kind={src.per_kind} lost={src.lost} compile_s={src.compile_s:.1f}")
+    print(f"SUMMARY mechanism={src.mechanism} per_kind={src.per_kind} lost={src.lost} "
+          f"compile_s={src.compile_s:.1f}")
     failed = sum(1 for ok, _ in results if not ok)
     print(f"{len(results) - failed} passed, {failed} failed", flush=True)
     return 1 if failed else 0

@@ -15,9 +15,12 @@ pytestmark = pytest.mark.lab
 CHECK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpf_check.py")
 
 
-def test_kprobe_source_reports_xfrm_input_output_and_notfound(lab_vm: LabVM):
+@pytest.mark.parametrize("mechanism", ["fentry", "kprobe"])
+def test_kprobe_source_reports_xfrm_input_output_and_notfound(lab_vm: LabVM, mechanism: str):
+    """The same checks through fentry/fexit (what this BTF kernel gets by default) and through the
+    kprobe/kretprobe fallback: both bodies of xfrm_probes.c must give the same events."""
     out_dir = os.path.join(lab_vm.rw[0], "bpf")
-    r = lab_vm.run(["python3", CHECK, out_dir], timeout=420)
+    r = lab_vm.run(["python3", CHECK, out_dir, mechanism], timeout=420)
     print(r.stdout)
     m = re.search(r"COMPILE compile_s=([\d.]+)", r.stdout)
     if m:
