@@ -51,6 +51,11 @@ IPPROTO_ESP = 50  # <netinet/in.h>
 MODES = {0: "transport", 1: "tunnel", 2: "ro", 3: "in_trigger", 4: "beet"}  # <linux/xfrm.h> XFRM_MODE_*
 
 MECHANISMS = ("auto", "fentry", "kprobe")
+# The kernel wakes the reader once per WAKEUP_EVENTS events per CPU, not per event: each wakeup is
+# an irq_work on the CPU carrying the packets and a cross-CPU wake-up of the reader. Below that
+# count the reader collects what is there every POLL_MS, so an event reaches the log within that.
+WAKEUP_EVENTS = 32
+POLL_MS = 200
 # the audit anchors: they may be missing (CONFIG_AUDITSYSCALL off) -> their kprobe function names
 ANCHORS = {
     "xfrm_audit_state_notfound": "kp_notfound",
@@ -203,7 +208,7 @@ class KprobeSource:
 
     def __init__(self, wall_minus_mono_ns: int, netns_inode: int | None = None, keep_all_drops: bool = False,
                  progress: Callable[[str], None] | None = None, page_cnt: int = 256,
-                 mechanism: str = "auto") -> None:
+                 mechanism: str = "auto", wakeup_events: int = WAKEUP_EVENTS) -> None:
         if mechanism not in MECHANISMS:
             raise ValueError(f"mechanism {mechanism!r} not in {MECHANISMS}")
         self.offset = wall_minus_mono_ns
@@ -211,6 +216,7 @@ class KprobeSource:
         self.keep_all_drops = keep_all_drops
         self.progress = progress or (lambda _msg: None)
         self.page_cnt = page_cnt
+        self.wakeup_events = wakeup_events
         self.wanted_mechanism = mechanism
         self.mechanism = ""  # fentry | kprobe once attached
         self.fallback = ""  # why auto did not get fentry
@@ -225,6 +231,7 @@ class KprobeSource:
         self._emit: Callable[[Event], None] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._drains: list[threading.Event] = []
         self._reasons: dict[int, str] = {}
         self._ksyms: Kallsyms | None = None
 
@@ -251,7 +258,8 @@ class KprobeSource:
             self.fallback = f"fentry failed: {err}"
             self.progress(f"{self.fallback}; compiling kprobes instead")
             self._load(BPF, "kprobe")
-        self.bpf["events"].open_perf_buffer(self._on_sample, page_cnt=self.page_cnt, lost_cb=self._on_lost)
+        self.bpf["events"].open_perf_buffer(self._on_sample, page_cnt=self.page_cnt, lost_cb=self._on_lost,
+                                            wakeup_events=self.wakeup_events)
 
     def _load(self, BPF: Any, mechanism: str) -> None:
         """Compile for `mechanism` and attach each program ourselves, so that a missing anchor
@@ -317,11 +325,22 @@ class KprobeSource:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.bpf.perf_buffer_poll(timeout=200)
+            asked, self._drains = self._drains, []
+            self.bpf.perf_buffer_poll(timeout=POLL_MS)  # returns when a CPU's buffer has wakeup_events
+            self.bpf.perf_buffer_consume()  # and the rest, below that, at least every POLL_MS
+            for done in asked:
+                done.set()
 
     def poll(self) -> None:
-        """Drain what the kernel has queued (tests call it between phases)."""
-        self.bpf.perf_buffer_poll(timeout=0)
+        """Return once what the kernel had queued is emitted (tests call it between phases).
+        bcc's reader is not for two threads at once: with the polling thread running, this asks
+        it for one more full pass and waits for it (at most about 2 * POLL_MS)."""
+        if self._thread is None:
+            self.bpf.perf_buffer_consume()
+            return
+        done = threading.Event()
+        self._drains.append(done)
+        done.wait(timeout=5 * POLL_MS / 1000)
 
     def stop(self) -> None:
         self._stop.set()
@@ -329,7 +348,7 @@ class KprobeSource:
             self._thread.join()
             self._thread = None
         if self.bpf is not None:
-            self.bpf.perf_buffer_poll(timeout=100)  # drain
+            self.bpf.perf_buffer_consume()  # drain
             if self.lost and self._emit is not None:
                 self._emit(Event(time_ns=time.time_ns(), source=SOURCE, kind="lost",
                                  detail={"count": self.lost, "why": "perf buffer full"}))
