@@ -1,13 +1,17 @@
 """Benchmark: what the kprobes cost the traffic they watch, on the lab kernel.
 
-    python -m bench.kprobes [--seconds 5] [--rounds 5]      (boots the kernel lab VM)
+    python -m bench.kprobes [--seconds 5] [--rounds 5] [--mechanism auto|fentry|kprobe] [--empty]
+                                                                (boots the kernel lab VM)
 
 In a gcm lab (ESP transport, AES-GCM-128) a UDP blaster in the left host sends 1000-byte
 datagrams to the right host as fast as it can for `seconds`; the rate is what the receiver's
 kernel decrypted (its inbound SA's packet counter, `ip -s xfrm state`), so the number is the
 IPsec path's throughput, not a Python receiver's. A consumer process runs what `start` runs for
-kernel events (KprobeSource writing the events log, filtered to the receiver's namespace: kprobes
-on xfrm_input/xfrm_output, the audit anchors, skb:kfree_skb), compiled once. Each round runs
+kernel events (KprobeSource writing the events log, filtered to the receiver's namespace: probes
+on xfrm_input/xfrm_output and the audit anchors, the skb:kfree_skb raw tracepoint), compiled once;
+`--mechanism` picks how they attach (default auto: fentry/fexit on this BTF kernel, `kprobe` for
+kprobe/kretprobe), and `--empty` puts programs that return at once at the same points (the
+mechanism's cost alone). Each round runs
 three phases back to back, their order rotating (a drift of the rate over time cancels): probes
 detached, attached, and attached with the consumer stopped (the probes' kernel-side cost alone).
 The traffic runs on the VM's first CPU and the consumer on the other (as on a real host, where
@@ -33,8 +37,6 @@ import time
 from pathlib import Path
 
 PREFIX = "bench"
-TRACEPOINT = "skb:kfree_skb"
-TRACEPOINT_FN = "tracepoint__skb__kfree_skb"  # the name bcc gives TRACEPOINT_PROBE(skb, kfree_skb)
 PORT = 5600
 SIZE = 1000
 
@@ -71,57 +73,75 @@ def blast(state, seconds: float) -> int:
     return sa_packets(state.right).get(spi, 0) - before
 
 
-def consumer(netns: str, log: Path, empty: bool = False) -> int:
+def empty_program(mechanism: str) -> str:
+    """Programs that return at once, under the names xfrm_probes.c gives them for `mechanism`."""
+    from ipsec_capture.bpf.kprobes import DROP_TRACEPOINT, probes
+
+    text = "#include <uapi/linux/ptrace.h>\n"
+    for p in probes(mechanism):
+        if p.kind == "fentry":
+            text += f"KFUNC_PROBE({p.target}) {{ return 0; }}\n"
+        elif p.kind == "fexit":
+            text += f"KRETFUNC_PROBE({p.target}) {{ return 0; }}\n"
+        else:
+            text += f"int {p.fn}(struct pt_regs *ctx) {{ return 0; }}\n"
+    return text + f"RAW_TRACEPOINT_PROBE({DROP_TRACEPOINT}) {{ return 0; }}\n"
+
+
+def consumer(netns: str, log: Path, empty: bool = False, mechanism: str = "auto") -> int:
     """The events side, in its own process: the product's KprobeSource writing the product's
     events log, compiled once; on stdin `off` detaches every probe and `on` attaches them again
-    (no recompile), each answered `ok` on stdout, so the rounds can alternate."""
+    (no recompile), each answered `ok` on stdout, so the rounds can alternate. Prints `ready
+    MECHANISM` once attached."""
     from ipsec_capture.bpf.eventlog import EventLogWriter, clock_offsets, make_header
-    from ipsec_capture.bpf.kprobes import PROBES, KprobeSource
+    from ipsec_capture.bpf.kprobes import DROP_FN, DROP_TRACEPOINT, KprobeSource, load_bcc, manual_bpf, probes
 
     from ipsec_capture.netns import netns_inode
 
     writer = EventLogWriter(log, make_header())
     if empty:
         # the same attach points, every program `return 0`: what the probe mechanism costs alone
-        from bcc import BPF
-
-        text = "#include <uapi/linux/ptrace.h>\n#include <linux/skbuff.h>\n" + "".join(
-            f"int {fn}(struct pt_regs *ctx) {{ return 0; }}\n" for _, fn, _, _ in PROBES)
-        bpf = BPF(text=text + "TRACEPOINT_PROBE(skb, kfree_skb) { return 0; }\n")
+        BPF = load_bcc()
+        if mechanism == "auto":
+            mechanism = "fentry" if BPF.support_kfunc() else "kprobe"
+        bpf = manual_bpf(BPF)(text=empty_program(mechanism))
         wanted = []
-        for event, fn, ret, _ in PROBES:
+        for p in probes(mechanism):
             with contextlib.suppress(Exception):  # an anchor this kernel lacks
-                (bpf.attach_kretprobe if ret else bpf.attach_kprobe)(event=event, fn_name=fn)
-                wanted.append((event, fn, ret))
+                p.attach(bpf)
+                wanted.append(p)
+        bpf.attach_raw_tracepoint(tp=DROP_TRACEPOINT, fn_name=DROP_FN)
         source = None
     else:
-        source = KprobeSource(clock_offsets()["wall_minus_mono_ns"], netns_inode(netns))
+        source = KprobeSource(clock_offsets()["wall_minus_mono_ns"], netns_inode(netns), mechanism=mechanism,
+                              progress=lambda m: print(m, file=sys.stderr, flush=True))
         source.start(writer.write)
-        bpf = source.bpf
-        wanted = [(event, fn, ret) for event, fn, ret, _ in PROBES if event not in source.missing]
-    print("ready", flush=True)
+        bpf, wanted, mechanism = source.bpf, source.probes, source.mechanism
+    print(f"ready {mechanism} {' '.join(p.label for p in wanted)}", flush=True)
     attached = True
     for line in sys.stdin:
         want = line.strip() == "on"
         if want == attached:
             pass
         elif not want:
-            for event, fn, ret in wanted:
-                (bpf.detach_kretprobe if ret else bpf.detach_kprobe)(event=event, fn_name=fn)
-            bpf.detach_tracepoint(tp=TRACEPOINT)
+            for p in wanted:
+                p.detach(bpf)
+            bpf.detach_raw_tracepoint(tp=DROP_TRACEPOINT)
         else:
-            for event, fn, ret in wanted:
-                (bpf.attach_kretprobe if ret else bpf.attach_kprobe)(event=event, fn_name=fn)
-            bpf.attach_tracepoint(tp=TRACEPOINT, fn_name=TRACEPOINT_FN)
+            for p in wanted:  # entries before returns, as probes() lists them
+                p.attach(bpf)
+            bpf.attach_raw_tracepoint(tp=DROP_TRACEPOINT, fn_name=DROP_FN)
         attached = want
         print("ok", flush=True)
     if source is not None:
         source.stop()
+    else:
+        bpf.cleanup()
     writer.close()
     return 0
 
 
-def here(seconds: float, rounds: int, out: Path, empty: bool = False) -> dict:
+def here(seconds: float, rounds: int, out: Path, empty: bool = False, mechanism: str = "auto") -> dict:
     from ipsec_capture.lab import scenarios
 
     scenarios.teardown(PREFIX)
@@ -137,7 +157,7 @@ def here(seconds: float, rounds: int, out: Path, empty: bool = False) -> dict:
     # I/O thread on the host cores that also run the vCPUs
     log = Path("/dev/shm/bench-kprobes.events.jsonl")
     argv = [sys.executable, "-m", "bench.kprobes", "--consumer", state.right, "--out", str(log),
-            *(["--empty"] if empty else [])]
+            "--mechanism", mechanism, *(["--empty"] if empty else [])]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             preexec_fn=lambda: os.sched_setaffinity(0, consumer_cpus))
     assert proc.stdin is not None and proc.stdout is not None
@@ -153,6 +173,8 @@ def here(seconds: float, rounds: int, out: Path, empty: bool = False) -> dict:
         ready = proc.stdout.readline()
         if not ready.startswith("ready"):
             raise RuntimeError(f"the kprobe consumer never got ready (exit {proc.wait()})")
+        ready_words = ready.split()
+        used, attached = ready_words[1], ready_words[2:]
         attach_s = time.monotonic() - t0
         command("off")
         blast(state, 3.0)  # warm up (ARP, route caches)
@@ -189,7 +211,7 @@ def here(seconds: float, rounds: int, out: Path, empty: bool = False) -> dict:
     return {"phases": phases, "median_off_pps": round(off), "median_kprobes_pps": round(on),
             "overhead_pct": round(100 * (off - on) / off, 1) if off else None,
             "paired_pct": paired,
-            "attach_s": round(attach_s, 1), "events": events,
+            "attach_s": round(attach_s, 1), "events": events, "mechanism": used, "attached": attached,
             "consumer_cpu": round(cpu_on / time_on, 2) if time_on else None,
             "traffic_cpu": sorted(traffic_cpu), "consumer_cpus": sorted(consumer_cpus)}
 
@@ -208,13 +230,15 @@ def main() -> int:
     ap.add_argument("--consumer", metavar="NETNS", help=argparse.SUPPRESS)
     ap.add_argument("--empty", action="store_true",
                     help="attach programs that do nothing to the same points: the mechanism's cost alone")
+    ap.add_argument("--mechanism", choices=("auto", "fentry", "kprobe"), default="auto",
+                    help="how the probes attach (default auto: fentry/fexit where the kernel allows)")
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.consumer:
-        return consumer(args.consumer, Path(args.out), args.empty)
+        return consumer(args.consumer, Path(args.out), args.empty, args.mechanism)
     if args.here:
         out = Path(args.out or tempfile.mkdtemp(prefix="bench-kprobes-"))
-        result = here(args.seconds, args.rounds, out, args.empty)
+        result = here(args.seconds, args.rounds, out, args.empty, args.mechanism)
         (out / "bench-kprobes.json").write_text(json.dumps(result))
         print(json.dumps(result), flush=True)
         return 0
@@ -223,7 +247,8 @@ def main() -> int:
     out = Path(tempfile.mkdtemp(prefix="bench-kprobes-"))
     with LabVM(memory="2G", cpus=2, rw=[str(out)]) as vm:
         r = vm.run([sys.executable, "-m", "bench.kprobes", "--here", "--out", str(out), "--seconds",
-                    str(args.seconds), "--rounds", str(args.rounds), *(["--empty"] if args.empty else [])],
+                    str(args.seconds), "--rounds", str(args.rounds), "--mechanism", args.mechanism,
+                    *(["--empty"] if args.empty else [])],
                    timeout=1800)
     if r.rc != 0:
         print(r.stdout, r.stderr, file=sys.stderr)
@@ -231,6 +256,7 @@ def main() -> int:
     res = json.loads((out / "bench-kprobes.json").read_text())
     print("kprobe overhead on the IPsec path (lab VM, TCG; ESP AES-GCM-128, 1000-byte UDP, left -> right)"
           + (": EMPTY programs at the same points" if args.empty else ""))
+    print(f"  mechanism {res['mechanism']}: {', '.join(res['attached'])}, raw_tracepoint:kfree_skb")
     for name, rates in res["phases"].items():
         print(f"  {name:<11} " + "  ".join(f"{r:8.0f} pkt/s" for r in rates))
     print(f"  median without kprobes {res['median_off_pps']} pkt/s, with {res['median_kprobes_pps']} pkt/s: "

@@ -98,3 +98,21 @@ def test_probe_tables_name_the_programs_the_c_file_defines():
 def test_unknown_mechanism_is_refused():
     with pytest.raises(ValueError, match="mechanism"):
         KprobeSource(0, mechanism="uprobe")
+
+
+def test_bench_empty_programs_define_every_probe_of_the_product():
+    """bench.kprobes --empty must put its no-op programs at the product's points under the
+    product's names (the consumer attaches and toggles them through the same Probe table)."""
+    from bench.kprobes import empty_program
+
+    for mech in ("fentry", "kprobe"):
+        text = empty_program(mech)
+        for p in probes(mech):
+            if p.kind == "fentry":
+                assert f"KFUNC_PROBE({p.target})" in text
+            elif p.kind == "fexit":
+                assert f"KRETFUNC_PROBE({p.target})" in text
+            else:
+                assert f"int {p.fn}(struct pt_regs *ctx)" in text
+        assert f"RAW_TRACEPOINT_PROBE({DROP_TRACEPOINT})" in text
+        assert "KFUNC_PROBE" not in text if mech == "kprobe" else "pt_regs *ctx" not in text
