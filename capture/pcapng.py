@@ -60,25 +60,30 @@ EPB_HEAD_LEN = _EPB_HEAD.size  # where a packet's bytes start in its block
 FLUSH_AT = 1 << 20  # bytes pending before write() flushes by itself
 _BLOCK_ROOM = 512  # room reserved past a packet's bytes for its options (a longer comment grows the buffer)
 
-# What follows a packet's bytes, packed at once, by (data length mod 4, caller's comment length,
-# length of the cached rest): padding, the comment option's header, the comment, the rest of
-# the options, the block's closing length. A few dozen shapes in a whole file.
-_tails: dict[tuple[int, int, int], struct.Struct] = {}
+_pack_head = _EPB_HEAD.pack_into
+
+# What follows a packet's bytes is packed at once: `lead` (the data's padding, then the comment
+# option's header, or with no comment the cached options), the caller's comment, `tail` (the
+# cached rest of the options) and the block's closing length. One Struct per shape.
+_tails: dict[tuple[int, int, int], Callable[..., None]] = {}
 
 
-def _tail(pad_index: int, clen: int, rest: int) -> struct.Struct:
-    shape = _tails.get((pad_index, clen, rest))
-    if shape is None:
-        pad = len(_PAD[pad_index])
-        shape = struct.Struct(f"<{pad}xHH{clen}s{rest}sI" if clen else f"<{pad}x{rest}sI")
+def _tail_packer(lead: int, clen: int, tail: int) -> Callable[..., None]:
+    pack = _tails.get((lead, clen, tail))
+    if pack is None:
+        pack = struct.Struct(f"<{lead}s{clen}s{tail}sI").pack_into
         if len(_tails) < 4096:
-            _tails[(pad_index, clen, rest)] = shape
-    return shape
+            _tails[(lead, clen, tail)] = pack
+    return pack
 
-# Per (point, hook, devices, mark): (interface id, options without a caller's comment, length of
-# the "; where" text joined to a caller's comment, the bytes after that comment by its length mod
-# 4, and the pack_into of each tail shape met so far, by comment length << 2 | data length mod 4).
-_PointOptions = tuple[int, bytes, int, tuple[bytes, ...], dict[int, Callable[..., None]]]
+
+# A tail shape of one point: (pack, block length minus packet length, lead, tail); by caller's
+# comment length << 2 | packet length mod 4.
+_Shape = tuple[Callable[..., None], int, bytes, bytes]
+# Per (point, hook, devices, mark): (interface id, its shapes met so far, the options without a
+# caller's comment, the length of the "; where" text joined to a caller's comment, the bytes
+# after that comment by its length mod 4).
+_PointOptions = tuple[int, dict[int, _Shape], bytes, int, tuple[bytes, ...]]
 
 
 def option(code: int, value: bytes) -> bytes:
@@ -106,6 +111,17 @@ def _ifname_lookup() -> Callable[[int], str]:
     return lookup
 
 
+def _shape(caplen: int, clen: int, alone: bytes, joined_len: int, after: tuple[bytes, ...]) -> _Shape:
+    """How a block ends after `caplen` bytes of packet and a caller's comment of `clen` bytes."""
+    pad = _PAD[caplen & 3]
+    if clen:
+        lead, tail = pad + _OPT.pack(OPT_COMMENT, clen + joined_len), after[clen & 3]
+    else:
+        lead, tail = pad + alone, b""
+    return (_tail_packer(len(lead), clen, len(tail)), EPB_HEAD_LEN + len(lead) + clen + len(tail) + 4,
+            lead, tail)
+
+
 class PcapngWriter:
     """Write Records to a pcapng file: `interface(point)` once per point, then `write(record)`."""
 
@@ -128,7 +144,7 @@ class PcapngWriter:
         self.buf = bytearray(2 * FLUSH_AT)
         self.view = memoryview(self.buf)
         self._used = 0
-        self._reserved: _PointOptions = (0, b"", 0, (), {})  # of the packet between reserve and commit
+        self._reserved: _PointOptions = (0, {}, b"", 0, ())  # of the packet between reserve and commit
         self._spare: list[bytearray] = []  # buffers given back after take()
         self.committed = 0  # bytes on disk, always at a block boundary
         self.packets = 0
@@ -249,7 +265,7 @@ class PcapngWriter:
         alone = (option(OPT_COMMENT, where) if where else b"") + flags + _END
         joined = b"; " + where if where else b""
         after = tuple(joined + _PAD[(k + len(joined)) & 3] + flags + _END for k in range(4))
-        return iid, alone, len(joined), after, {}
+        return iid, {}, alone, len(joined), after
 
     def write(self, record: Record, comment: str | None = None) -> None:
         """Append one packet on its point's interface (created on first use)."""
@@ -274,39 +290,34 @@ class PcapngWriter:
         caller put where it said: pack its header, `record`'s time and the options of its point
         and metadata, and `comment` (encoded; b"": none). A packet longer than the snap length
         is cut to it."""
-        iid, alone, joined_len, after, packers = self._reserved
         if caplen > self.snaplen:
             caplen = self.snaplen
+        iid, shapes, alone, joined_len, after = self._reserved
+        key = len(comment) << 2 | caplen & 3
+        shape = shapes.get(key)
+        if shape is None:
+            shape = shapes[key] = _shape(caplen, len(comment), alone, joined_len, after)
+        pack, extra, lead, tail = shape
         start = self._used
-        clen = len(comment)
-        shape = clen << 2 | caplen & 3
-        pack = packers.get(shape)
-        if pack is None:
-            pack = packers[shape] = _tail(caplen & 3, clen, len(after[clen & 3] if clen else alone)).pack_into
-        end = start + EPB_HEAD_LEN + caplen  # of the packet's bytes
-        if clen:
-            tail = after[clen & 3]
-            total = 36 + ((caplen + 3) & ~3) + clen + len(tail)
-            if start + total > len(self.buf):
-                self._grow_open_block(start + total)
-            pack(self.buf, end, OPT_COMMENT, clen + joined_len, comment, tail, total)
-        else:
-            total = 32 + ((caplen + 3) & ~3) + len(alone)
-            if start + total > len(self.buf):
-                self._grow_open_block(start + total)
-            pack(self.buf, end, alone, total)
+        total = caplen + extra
+        end = start + total
+        buf = self.buf
+        if end > len(buf):
+            buf = self._grow_open_block(end)
+        pack(buf, start + EPB_HEAD_LEN + caplen, lead, comment, tail, total)
         ts = record.time_ns
-        _EPB_HEAD.pack_into(self.buf, start, BT_EPB, total, iid, ts >> 32, ts & 0xFFFFFFFF, caplen, orig)
+        _pack_head(buf, start, BT_EPB, total, iid, ts >> 32, ts & 0xFFFFFFFF, caplen, orig)
         self.packets += 1
-        self._used = start + total
-        if self._used >= self._flush_at:
+        self._used = end
+        if end >= self._flush_at:
             self.flush()
 
-    def _grow_open_block(self, end: int) -> None:
+    def _grow_open_block(self, end: int) -> bytearray:
         """A block longer than reserved (a long comment): a bigger buffer, the packet kept."""
         bigger = bytearray(max(end, 2 * len(self.buf)))
         bigger[:len(self.buf)] = self.buf
         self.buf, self.view = bigger, memoryview(bigger)
+        return bigger
 
     def flush(self) -> None:
         """Write every whole block buffered so far. On an error (ENOSPC) the file is cut back to

@@ -56,6 +56,8 @@ class Transform:
     authenticated: bool
     open: OpenInto
     skip: int = 0
+    # RFC 4106 / 4309 / 7634 AEADs: (the cipher's decrypt_into, salt), for the decoder's fast lane
+    aead: tuple[Callable[..., int], bytes] | None = None
     overhead: int = field(init=False)  # ESP header + IV + ICV: what the ciphertext is not
 
     def __post_init__(self) -> None:
@@ -93,7 +95,7 @@ def _aead(name: str, aead: AESGCM | AESCCM | ChaCha20Poly1305, salt: bytes, icv:
             return -1
         return n
 
-    return Transform(name, 8, icv, 4, True, open_aead)
+    return Transform(name, 8, icv, 4, True, open_aead, aead=(decrypt_into, salt))
 
 
 def _split_salt(alg: Algorithm, salt_len: int, key_lens: tuple[int, ...]) -> tuple[bytes, bytes]:
