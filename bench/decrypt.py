@@ -1,6 +1,6 @@
 """Benchmark: our `ipsec-capture decrypt` against tshark decrypting the same file, in one run.
 
-    python -m bench.decrypt [--packets 200000] [--size 1400] [--keep DIR] [--out-dir DIR]
+    python -m bench.decrypt [--packets 200000] [--size 1400] [--rounds 3] [--keep DIR] [--out-dir DIR]
 
 For each suite (AES-GCM-128 with a 16-byte ICV; AES-CBC-128 with HMAC-SHA-256-128) it writes a
 pcap (LINKTYPE_RAW) of ESP tunnel packets of --size bytes, an esp_sa table for them
@@ -11,18 +11,23 @@ pcap (LINKTYPE_RAW) of ESP tunnel packets of --size bytes, an esp_sa table for t
 and the decoder alone in this process. Our decrypt runs twice: as a user gets it (one process
 per core, up to 4, for a file this size) and in one process (-j 1), writing its pcapng to
 tmpfs by default (tshark writes nothing; on this machine's virtual disk the page cache writes
-alone vary from 1 to 5 us a packet between runs). It prints packets/s and the ratio to tshark
-(target >= 5x).
+alone vary from 1 to 5 us a packet between runs). The three processes take turns for
+--rounds rounds (a machine whose speed drifts affects all alike); it prints each one's median
+packets/s, the ratio of the medians to tshark's (target >= 5x) and the range of the ratios
+within a round. The package is byte-compiled first, as an installed package is (an editable
+install compiles our modules at every start where PYTHONDONTWRITEBYTECODE is set).
 Not a test: numbers depend on the machine and its load.
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import hmac
 import os
 import resource
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -137,11 +142,24 @@ def decoder_only(path: Path, sa: SA) -> float:
     return len(pkts) / elapsed
 
 
+def _byte_compile() -> None:
+    """Compile the package's modules to .pyc where they are (pip does so for a regular install)."""
+    import ipsec_capture.capture
+    import ipsec_capture.xfrm
+
+    import ipsec_capture
+
+    for package in (ipsec_capture, ipsec_capture.capture, ipsec_capture.xfrm):
+        root = Path(package.__file__).parent
+        compileall.compile_dir(str(root), quiet=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.decrypt", description=__doc__.split("\n\n")[0])
     ap.add_argument("--packets", type=int, default=200_000)
     ap.add_argument("--size", type=int, default=1400, help="outer packet size in bytes")
     ap.add_argument("--suite", choices=["gcm", "cbc", "both"], default="both")
+    ap.add_argument("--rounds", type=int, default=3, help="turns each process takes (medians are printed)")
     ap.add_argument("--keep", metavar="DIR", help="keep the files in DIR")
     ap.add_argument("--out-dir", metavar="DIR", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
                     help="where our decrypt writes its pcapng (default /dev/shm: tshark writes nothing, "
@@ -152,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if tshark is None:
         print("tshark is not installed: run ./dev.sh setup", file=sys.stderr)
         return 1
+    _byte_compile()
     workdir = Path(args.keep or tempfile.mkdtemp(prefix="bench-decrypt-"))
     workdir.mkdir(parents=True, exist_ok=True)
     suites = ["gcm", "cbc"] if args.suite == "both" else [args.suite]
@@ -162,35 +181,47 @@ def main(argv: list[str] | None = None) -> int:
             sa = build(pcap, suite, args.packets, args.size)
             keys.write_text(write_esp_sa([sa], 8))
             n = args.packets
-            runs = []
-            for label, extra in ((f"decrypt ({auto_jobs(pcap)} proc)", []), ("decrypt -j 1", ["-j", "1"])):
-                # every run starts with nothing waiting to be written back (the input just built,
-                # the previous run's output): each is timed with only its own I/O
+            ours = {f"decrypt ({auto_jobs(pcap)} proc)": [], "decrypt -j 1": ["-j", "1"]}
+            walls: dict[str, list[float]] = {label: [] for label in [*ours, "tshark"]}
+            cpus: dict[str, list[float]] = {label: [] for label in walls}
+            decrypted = 0
+            for _ in range(args.rounds):
+                for label, extra in ours.items():
+                    # every run starts with nothing waiting to be written back (the input just
+                    # built, the previous run's output): each is timed with only its own I/O
+                    out.unlink(missing_ok=True)
+                    os.sync()
+                    t, cpu, proc = _timed([sys.executable, "-m", "ipsec_capture", "decrypt", str(pcap),
+                                           "--keys", str(keys), "-w", str(out), "--json", "-q", *extra])
+                    if proc.returncode != 0:
+                        print(f"{suite}: our {label} failed: {proc.stderr.decode(errors='replace').strip()}",
+                              file=sys.stderr)
+                        return 1
+                    walls[label].append(t)
+                    cpus[label].append(cpu)
                 out.unlink(missing_ok=True)
                 os.sync()
-                t, cpu, proc = _timed([sys.executable, "-m", "ipsec_capture", "decrypt", str(pcap), "--keys",
-                                       str(keys), "-w", str(out), "--json", "-q", *extra])
-                if proc.returncode != 0:
-                    print(f"{suite}: our {label} failed: {proc.stderr.decode(errors='replace').strip()}",
-                          file=sys.stderr)
-                runs.append((label, t, cpu, proc.returncode == 0))
-            out.unlink(missing_ok=True)
-            os.sync()
-            t_shark, cpu_shark, shark = _timed([tshark, "-n", "-r", str(pcap), *tshark_args([sa], 8),
-                                                "-T", "fields", "-e", "udp.dstport"])
-            decrypted = sum(1 for line in shark.stdout.splitlines() if line.strip() == b"9")
+                t, cpu, shark = _timed([tshark, "-n", "-r", str(pcap), *tshark_args([sa], 8),
+                                        "-T", "fields", "-e", "udp.dstport"])
+                walls["tshark"].append(t)
+                cpus["tshark"].append(cpu)
+                decrypted = sum(1 for line in shark.stdout.splitlines() if line.strip() == b"9")
             dec_rate = decoder_only(pcap, sa)
-            shark_rate = n / t_shark
-            out.unlink(missing_ok=True)
-            print(f"{suite}: {n} packets of {args.size} B (our output in {out.parent})")
-            print(f"  tshark decrypt              {shark_rate:>10,.0f} pkt/s  ({t_shark:.1f} s, "
-                  f"CPU {cpu_shark:.1f} s, decrypted {decrypted})")
-            for label, t, cpu, ok in runs:
-                if ok:
-                    print(f"  ipsec-capture {label:<13} {n / t:>10,.0f} pkt/s  ({t:.1f} s, CPU {cpu:.1f} s)  "
-                          f"ratio {n / t / shark_rate:.1f}x tshark (target >= 5x)")
+            shark_rate = n / statistics.median(walls["tshark"])
+            print(f"{suite}: {n} packets of {args.size} B, {args.rounds} rounds, medians (our output in "
+                  f"{out.parent})")
+            print(f"  tshark decrypt              {shark_rate:>10,.0f} pkt/s  "
+                  f"({statistics.median(walls['tshark']):.1f} s, "
+                  f"CPU {statistics.median(cpus['tshark']):.1f} s, decrypted {decrypted})")
+            for label in ours:
+                t = statistics.median(walls[label])
+                per_round = [shark / mine for shark, mine in zip(walls["tshark"], walls[label], strict=True)]
+                print(f"  ipsec-capture {label:<13} {n / t:>10,.0f} pkt/s  ({t:.2f} s, CPU "
+                      f"{statistics.median(cpus[label]):.2f} s)  ratio {n / t / shark_rate:.1f}x tshark "
+                      f"(rounds {min(per_round):.1f}-{max(per_round):.1f}x; target >= 5x)")
             print(f"  EspDecoder alone            {dec_rate:>10,.0f} pkt/s  "
                   f"ratio {dec_rate / shark_rate:.1f}x tshark")
+            out.unlink(missing_ok=True)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
