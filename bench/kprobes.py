@@ -222,6 +222,24 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def host_cpu() -> tuple[float, float, float]:
+    """(wall s, host CPU s busy, CPU s of our child processes: the QEMU running the lab VM)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    me = os.getpid()
+    children = Path(f"/proc/{me}/task/{me}/children").read_text().split()
+    ours = sum(process_cpu(int(pid)) for pid in children if Path(f"/proc/{pid}").exists())
+    return time.monotonic(), busy / ticks, ours
+
+
+def other_load(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
+    """Host cores used by anything but the lab VM between two host_cpu() samples: the benchmark
+    cannot stop another job on a shared machine, but it can say that one ran."""
+    wall = after[0] - before[0]
+    return max(0.0, (after[1] - before[1]) - (after[2] - before[2])) / wall if wall > 0 else 0.0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0)
@@ -246,10 +264,12 @@ def main() -> int:
 
     out = Path(tempfile.mkdtemp(prefix="bench-kprobes-"))
     with LabVM(memory="2G", cpus=2, rw=[str(out)]) as vm:
+        host0 = host_cpu()
         r = vm.run([sys.executable, "-m", "bench.kprobes", "--here", "--out", str(out), "--seconds",
                     str(args.seconds), "--rounds", str(args.rounds), "--mechanism", args.mechanism,
                     *(["--empty"] if args.empty else [])],
                    timeout=1800)
+        other = other_load(host0, host_cpu())
     if r.rc != 0:
         print(r.stdout, r.stderr, file=sys.stderr)
         return 1
@@ -264,6 +284,8 @@ def main() -> int:
     for name, paired in res["paired_pct"].items():
         print(f"  {name} vs off, per round: {', '.join(f'{p:+.1f}%' for p in paired)}; "
               f"mean {statistics.mean(paired):+.1f}%")
+    print(f"  host: {other:.2f} of {os.cpu_count()} cores busy with other work on average during the run "
+          "(the VM's two vCPUs need two: more than ~0.1 here and the rates above are contended)")
     print(f"  traffic on CPU {res['traffic_cpu']}, the consumer (KprobeSource writing the events log) on CPU "
           f"{res['consumer_cpus']}: {res['consumer_cpu']} CPU while attached, {res['events']} events")
     return 0
