@@ -63,6 +63,21 @@ _FAMILY_BY_FIRST = tuple(socket.AF_INET if b >> 4 == 4 else socket.AF_INET6 if b
 Warn = Callable[[str], None]
 
 
+@dataclass(slots=True)
+class Share:
+    """One worker's share of a file (decrypt -j): the runs of `block` records numbered k,
+    k + jobs, k + 2 jobs, ... A reader that can pass over the other runs without building their
+    records (raw-IP pcap: one capture point, fixed-size record headers) sets `skips` when it
+    starts and `count` (records in the file) when it ends; any other reader yields every record
+    and leaves the choosing to the caller."""
+
+    k: int
+    jobs: int
+    block: int
+    skips: bool = False
+    count: int = 0
+
+
 def _stderr_warning(msg: str) -> None:
     print(f"ipsec-capture: warning: {msg}", file=sys.stderr)
 
@@ -181,13 +196,15 @@ class _Window:
         return len(self.buf) - self.pos
 
 
-def read_records(path: str, warn: Warn = _stderr_warning, *, borrow: bool = False) -> Iterator[Record]:
+def read_records(path: str, warn: Warn = _stderr_warning, *, borrow: bool = False,
+                 share: Share | None = None) -> Iterator[Record]:
     """Every IP packet of a pcap or pcapng file, in file order.
 
     `borrow`: for a caller that is done with each record before taking the next (decrypt), the
     raw-IP pcap reader may hand out one Record object over and over, refilled per packet, with
     the payload a view into the reader's chunk: no copy and no new Record per packet. A record
-    kept past the next one changes under the caller (and would pin megabytes of chunk)."""
+    kept past the next one changes under the caller (and would pin megabytes of chunk).
+    `share`: only that share's records, where the reader can skip (see Share)."""
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed by the generator's finally
     except OSError as err:
@@ -201,14 +218,15 @@ def read_records(path: str, warn: Warn = _stderr_warning, *, borrow: bool = Fals
             yield from _read_pcapng(_Window(fh, head), path, warn)
         elif magic_le in (PCAP_MAGIC_US, PCAP_MAGIC_NS) or struct.unpack(">I", head)[0] in (
                 PCAP_MAGIC_US, PCAP_MAGIC_NS):
-            yield from _read_pcap(_Window(fh, head), path, head, warn, borrow)
+            yield from _read_pcap(_Window(fh, head), path, head, warn, borrow, share)
         else:
             raise UserError(f"{path}: not a pcap or pcapng file (magic 0x{magic_le:08x} at offset 0)")
     finally:
         fh.close()
 
 
-def _read_pcap(win: _Window, path: str, head: bytes, warn: Warn, borrow: bool = False) -> Iterator[Record]:
+def _read_pcap(win: _Window, path: str, head: bytes, warn: Warn, borrow: bool = False,
+               share: Share | None = None) -> Iterator[Record]:
     """The file header, then the record loop for its link type (returned, not delegated to:
     each generator level costs every packet a resume)."""
     order = "<" if struct.unpack("<I", head)[0] in (PCAP_MAGIC_US, PCAP_MAGIC_NS) else ">"
@@ -219,7 +237,7 @@ def _read_pcap(win: _Window, path: str, head: bytes, warn: Warn, borrow: bool = 
     iface = _Iface(linktype, f"if{0}", 1_000_000_000 if nsec else 1_000_000, 0)
     win.pos = 24
     if linktype in RAW_LINKTYPES:
-        return _pcap_raw(win, path, order, 1 if nsec else 1000, iface.name, warn, borrow)
+        return _pcap_raw(win, path, order, 1 if nsec else 1000, iface.name, warn, borrow, share)
     return _pcap_frames(win, path, order, 1 if nsec else 1000, iface, warn)
 
 
@@ -232,13 +250,19 @@ def _pcap_cut(win: _Window, path: str, count: int, warn: Warn) -> None:
 
 
 def _pcap_raw(win: _Window, path: str, order: str, mult: int, point: str, warn: Warn,
-              borrow: bool = False) -> Iterator[Record]:
+              borrow: bool = False, share: Share | None = None) -> Iterator[Record]:
     """Raw-IP pcap, the common case, kept tight: each packet is one slice and one Record (when
-    borrowing: a view of the chunk, and the same Record refilled)."""
+    borrowing: a view of the chunk, and the same Record refilled). With a share, the other
+    workers' runs cost a header unpack a record."""
     unpack = struct.Struct(order + "IIII").unpack_from
     family = _FAMILY_BY_FIRST
     count = 0
     rec = Record(0, point, b"")  # the borrowed record
+    skip = left = others = block = 0  # records to pass over next; left of this worker's run
+    if share is not None:
+        share.skips = True
+        block, others = share.block, share.block * (share.jobs - 1)
+        skip, left = share.k * share.block, share.block
     while True:
         buf, pos = win.buf, win.pos
         end = len(buf)
@@ -253,11 +277,20 @@ def _pcap_raw(win: _Window, path: str, order: str, mult: int, point: str, warn: 
             if stop > end:
                 need = 16 + incl
                 break
+            if skip:
+                skip -= 1
+                pos = stop
+                count += 1
+                continue
             data = cut[pos + 16:stop]
             pos = stop
             count += 1
             time_ns = sec * 1_000_000_000 + frac * mult
             fam = family[data[0]] if data else 0
+            if left:
+                left -= 1
+                if not left:  # this worker's run ends here: the others' runs follow
+                    left, skip = block, others
             if borrow:
                 rec.time_ns, rec.payload, rec.family, rec.length = time_ns, data, fam, orig
                 yield rec
@@ -266,6 +299,8 @@ def _pcap_raw(win: _Window, path: str, order: str, mult: int, point: str, warn: 
         win.pos = pos
         if not win.fill(need):
             _pcap_cut(win, path, count, warn)
+            if share is not None:
+                share.count = count
             return
 
 

@@ -166,3 +166,53 @@ def test_sigterm_stops_the_workers_and_leaves_out_as_it_was(tmp_path: Path) -> N
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.esp_sa", "big.pcap", "out.pcapng"]
     ps = subprocess.run(["pgrep", "-f", f"decrypt {pcap}"], capture_output=True, text=True)
     assert ps.stdout.strip() == "", "a worker outlived its parent"
+
+
+def _raw_pcap(src: Path, dst: Path) -> None:
+    """The packets of a capture as a raw-IP pcap (one capture point: the reader skips the other
+    workers' blocks there instead of handing every record over)."""
+    import struct
+
+    with dst.open("wb") as fh:
+        fh.write(struct.pack("<IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 65535, 101))
+        for r in read_records(str(src)):
+            n = len(r.payload)
+            fh.write(struct.pack("<IIII", r.time_ns // 10**9, r.time_ns % 10**9, n, n))
+            fh.write(bytes(r.payload))
+
+
+@pytest.mark.parametrize(("jobs", "block", "cut"),
+                         [(2, 1, 0), (3, 4, 0), (4, 100, 0), (3, 5, 30), (2, 3, 1400)])
+def test_raw_pcap_shares_are_skipped_and_the_output_is_the_serial_output(
+        tmp_path: Path, jobs: int, block: int, cut: int, capfd: pytest.CaptureFixture[str]) -> None:
+    """Also with the file cut in its last packet (one warning), or cut by more than a block."""
+    pcapng, src = tmp_path / "in.pcapng", tmp_path / "in.pcap"
+    sas = mixed_capture(pcapng)
+    _raw_pcap(pcapng, src)
+    if cut:
+        src.write_bytes(src.read_bytes()[:-cut])
+    one, many = tmp_path / "one.pcapng", tmp_path / "many.pcapng"
+    want = serial(src, sas, one).to_dict()
+    capfd.readouterr()
+    got = decrypt_parallel(str(src), EspDecoder(sas), str(many), jobs, point_namer, block=block).to_dict()
+    err = capfd.readouterr().err
+    assert err.count("warning:") == (1 if cut else 0), err
+    assert got["packets"] == want["packets"] and got["totals"] == want["totals"]
+    assert (want["packets"] < 67) if cut else (want["packets"] == 67)
+    assert many.read_bytes() == one.read_bytes()
+
+
+def test_the_raw_pcap_reader_hands_over_only_its_share(tmp_path: Path) -> None:
+    from ipsec_capture.capture.pcapread import Share
+
+    pcapng, src = tmp_path / "in.pcapng", tmp_path / "in.pcap"
+    mixed_capture(pcapng)
+    _raw_pcap(pcapng, src)
+    every = [bytes(r.payload) for r in read_records(str(src))]
+    for k in range(3):
+        share = Share(k, 3, 4)
+        got = [bytes(r.payload) for r in read_records(str(src), borrow=True, share=share)]
+        assert share.skips and share.count == len(every) == 67
+        assert got == [p for i, p in enumerate(every) if i // 4 % 3 == k]
+    share = Share(1, 3, 4)  # pcapng: several points, every record goes to the caller
+    assert len(list(read_records(str(pcapng), share=share))) == 67 and not share.skips

@@ -31,7 +31,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 from ipsec_capture.capture.pcapng import PcapngWriter
-from ipsec_capture.capture.pcapread import read_records
+from ipsec_capture.capture.pcapread import Share, read_records
 from ipsec_capture.xfrm.decrypt import DecryptSummary, decrypt_to_writer
 from ipsec_capture.xfrm.esp import EspDecoder
 
@@ -86,6 +86,7 @@ class _Worker:
     def __init__(self, k: int, jobs: int, block: int, out: str, conn: Connection,
                  writer: PcapngWriter) -> None:
         self.k, self.jobs, self.block, self.conn, self.writer = k, jobs, block, conn, writer
+        self.share = Share(k, jobs, block)  # what the reader may skip for us
         self.fd = os.open(out, os.O_WRONLY | os.O_CLOEXEC)
         self.pending: dict[int, list[memoryview]] = {}
         self.summary = DecryptSummary()
@@ -95,11 +96,15 @@ class _Worker:
     def blocks(self, records: Iterable[Record], new_point: Callable[..., object]) -> Iterator[Record]:
         """The records of this worker's blocks; every record's point is numbered, in file order.
         A block is complete when the next record is asked for (the consumer writes each record
-        before it asks for the next)."""
+        before it asks for the next). `records` come from read_records with this worker's
+        share: where the reader skips the others' blocks (one capture point), the j-th record
+        handed over is the file's record i below, and its point was first seen in block 0."""
         last: str | None = None
         mine = False
         b = i = -1
-        for i, rec in enumerate(records):
+        share, size, jobs = self.share, self.block, self.jobs
+        for j, rec in enumerate(records):
+            i = (j // size * jobs + self.k) * size + j % size if share.skips else j
             if i % self.block == 0:
                 if mine:
                     self._finished(b)
@@ -107,12 +112,12 @@ class _Worker:
                 mine = b % self.jobs == self.k
             if rec.point != last:
                 last = rec.point
-                new_point(last, mine)
+                new_point(last, mine and (i == 0 or not share.skips))
             if mine:
                 yield rec
         if mine:
             self._finished(b)
-        self.seen = i + 1
+        self.seen = share.count if share.skips else i + 1
 
     def _finished(self, b: int) -> None:
         parts, size = self.writer.take()
@@ -149,7 +154,8 @@ def _work(path: str, k: int, jobs: int, block: int, decoder: EspDecoder, out: st
         writer = PcapngWriter(None, linktype="raw")
         worker = _Worker(k, jobs, block, out, conn, writer)
         # every worker reads the same file: one of them gives its warnings
-        records = read_records(path, borrow=True) if k == 0 else read_records(path, _quiet, borrow=True)
+        records = (read_records(path, borrow=True, share=worker.share) if k == 0
+                   else read_records(path, _quiet, borrow=True, share=worker.share))
         decrypt_to_writer(worker.blocks(records, name_points(writer)), decoder, worker.summary,
                           writer, None)
         worker.finish()
