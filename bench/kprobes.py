@@ -11,9 +11,10 @@ kernel events (KprobeSource writing the events log, filtered to the receiver's n
 on xfrm_input/xfrm_output and the audit anchors, the skb:kfree_skb raw tracepoint), compiled once;
 `--mechanism` picks how they attach (default auto: fentry/fexit on this BTF kernel, `kprobe` for
 kprobe/kretprobe), and `--empty` puts programs that return at once at the same points (the
-mechanism's cost alone). Each round runs
-three phases back to back, their order rotating (a drift of the rate over time cancels): probes
-detached, attached, and attached with the consumer stopped (the probes' kernel-side cost alone).
+mechanism's cost alone). Each round runs four phases back to back, their order rotating (a drift
+of the rate over time cancels): probes detached; attached; attached with the consumer stopped
+(the probes' kernel-side cost alone); and detached with a busy loop on the consumer's vCPU (what
+any busy second vCPU costs the first here, where QEMU's two vCPU threads share a 2-core host).
 The traffic runs on the VM's first CPU and the consumer on the other (as on a real host, where
 the consumer does not share the core carrying the packets), and the consumer's own CPU use is
 printed. It prints the median rate of each phase and the overhead (target: under 5%). Not a
@@ -146,7 +147,7 @@ def here(seconds: float, rounds: int, out: Path, empty: bool = False, mechanism:
 
     scenarios.teardown(PREFIX)
     state = scenarios.up("gcm", PREFIX)
-    phases: dict[str, list[float]] = {"off": [], "kprobes": [], "probes only": []}
+    phases: dict[str, list[float]] = {"off": [], "kprobes": [], "probes only": [], "off, vCPU busy": []}
     cpus = sorted(os.sched_getaffinity(0))
     # The traffic (blaster and the softirqs it raises) on the first CPU, the events process on
     # the others: on a real host the consumer does not share the core that carries the packets,
@@ -181,13 +182,17 @@ def here(seconds: float, rounds: int, out: Path, empty: bool = False, mechanism:
         cpu_on = time_on = 0.0
         # The phases rotate each round (a drift of the rate over time cancels). "probes only":
         # attached, the consumer stopped (SIGSTOP): the kernel-side cost alone, its perf buffer
-        # filling up and then dropping samples, no process to wake.
-        order = ("off", "kprobes", "probes only")
+        # filling up and then dropping samples, no process to wake. "off, vCPU busy": detached,
+        # a spinning process where the consumer runs.
+        order = tuple(phases)
         for r in range(rounds):
-            for phase in order[r % 3:] + order[:r % 3]:
-                command("off" if phase == "off" else "on")
+            for phase in order[r % len(order):] + order[:r % len(order)]:
+                command("off" if phase.startswith("off") else "on")
                 if phase == "probes only":
                     proc.send_signal(signal.SIGSTOP)
+                burner = subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                                          preexec_fn=lambda: os.sched_setaffinity(0, consumer_cpus)) \
+                    if phase == "off, vCPU busy" else None
                 cpu0, t = process_cpu(proc.pid), time.monotonic()
                 phases[phase].append(blast(state, seconds) / seconds)
                 if phase == "kprobes":
@@ -195,6 +200,9 @@ def here(seconds: float, rounds: int, out: Path, empty: bool = False, mechanism:
                     time_on += time.monotonic() - t
                 if phase == "probes only":
                     proc.send_signal(signal.SIGCONT)
+                if burner is not None:
+                    burner.kill()
+                    burner.wait()
         proc.stdin.close()
         proc.wait(timeout=120)
     finally:
@@ -207,7 +215,7 @@ def here(seconds: float, rounds: int, out: Path, empty: bool = False, mechanism:
     on = statistics.median(phases["kprobes"])
     # each round's phases ran back to back: their differences have the least drift in them
     paired = {name: [round(100 * (a - b) / a, 1) for a, b in zip(phases["off"], phases[name], strict=True)
-                     if a] for name in ("kprobes", "probes only")}
+                     if a] for name in ("kprobes", "probes only", "off, vCPU busy")}
     return {"phases": phases, "median_off_pps": round(off), "median_kprobes_pps": round(on),
             "overhead_pct": round(100 * (off - on) / off, 1) if off else None,
             "paired_pct": paired,
@@ -278,7 +286,7 @@ def main() -> int:
           + (": EMPTY programs at the same points" if args.empty else ""))
     print(f"  mechanism {res['mechanism']}: {', '.join(res['attached'])}, raw_tracepoint:kfree_skb")
     for name, rates in res["phases"].items():
-        print(f"  {name:<11} " + "  ".join(f"{r:8.0f} pkt/s" for r in rates))
+        print(f"  {name:<14} " + "  ".join(f"{r:8.0f} pkt/s" for r in rates))
     print(f"  median without kprobes {res['median_off_pps']} pkt/s, with {res['median_kprobes_pps']} pkt/s: "
           f"overhead {res['overhead_pct']}% (target < 5%); attach took {res['attach_s']} s (bcc compile)")
     for name, paired in res["paired_pct"].items():
