@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from ipsec_capture.errors import UserError
-from ipsec_capture.models import Event
+from ipsec_capture.models import EncodedEvent, Event
 
 FORMAT_KEY = "ipsec_capture_events"
 FORMAT_VERSION = 1
@@ -88,7 +88,7 @@ class EventLogWriter:
         self._file.write(json.dumps(full, separators=(",", ":"), sort_keys=True) + "\n")
         self._file.flush()
 
-    def write(self, event: Event) -> None:
+    def write(self, event: Event | EncodedEvent) -> None:
         line = event.to_json() + "\n"
         with self._lock:
             if self._file is None:

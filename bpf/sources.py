@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from ipsec_capture.bpf.eventlog import EventLogWriter
 
 from ipsec_capture.errors import UserError
-from ipsec_capture.models import Event
+from ipsec_capture.models import EncodedEvent, Event
 from ipsec_capture.netns import netns_inode, netns_path
 
 MODES = ("auto", "kprobe", "tracepoint", "off")
@@ -47,7 +47,7 @@ class Source(Protocol):
     name: str
     count: int
 
-    def start(self, emit: Callable[[Event], None]) -> None: ...
+    def start(self, emit: Callable[[Event | EncodedEvent], None]) -> None: ...
     def stop(self) -> None: ...
 
 

@@ -7,6 +7,8 @@ import re
 import socket
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from ipsec_capture.bpf.kprobes import (
     ANCHORS,
     DROP_FN,
@@ -16,9 +18,11 @@ from ipsec_capture.bpf.kprobes import (
     PROGRAM,
     KprobeSource,
     decode,
+    encode_packet_event,
     probes,
 )
 
+AF_INET, AF_INET6 = socket.AF_INET, socket.AF_INET6
 C_TO_STRUCT = {"u64": "Q", "s64": "q", "u32": "I", "s32": "i", "u16": "H", "u8": "B"}
 
 
@@ -116,3 +120,30 @@ def test_bench_empty_programs_define_every_probe_of_the_product():
                 assert f"int {p.fn}(struct pt_regs *ctx)" in text
         assert f"RAW_TRACEPOINT_PROBE({DROP_TRACEPOINT})" in text
         assert "KFUNC_PROBE" not in text if mech == "kprobe" else "pt_regs *ctx" not in text
+
+
+@settings(max_examples=400, deadline=None)
+@given(kind=st.sampled_from([1, 2]), family=st.sampled_from([0, AF_INET, AF_INET6, 7]),
+       sa_family=st.sampled_from([0, AF_INET, AF_INET6]), flags=st.integers(0, 3),
+       netns=st.sampled_from([0, 4026531840]), spi=st.sampled_from([0, 0x01020304]),
+       mode=st.integers(0, 9), ret=st.sampled_from([0, -22, -115, 1]),
+       nums=st.lists(st.integers(0, 2**32 - 1), min_size=7, max_size=7),
+       addrs=st.lists(st.binary(min_size=16, max_size=16), min_size=4, max_size=4),
+       zero_sa_dst=st.booleans())
+def test_packet_events_encode_to_the_line_decode_gives(kind, family, sa_family, flags, netns, spi, mode,
+                                                       ret, nums, addrs, zero_sa_dst) -> None:
+    """The per-packet fast path writes exactly Event.to_json() of the full decode."""
+    ifindex, mark, seq, seq_hi, length, encap, l4 = nums
+    if zero_sa_dst:
+        addrs[3] = bytes(16)
+    raw = EVENT.pack(123456789, 0xFFFF888812345678, 0, ret, kind, netns, ifindex, mark, spi, seq, seq_hi,
+                     0, length, encap - 2**31, family, 0x0800, l4 & 0xFF, mode, sa_family, flags, *addrs)
+    fast = encode_packet_event(raw, 1_700_000_000_000_000_000)
+    assert fast is not None and fast.kind == KINDS[kind]
+    assert fast.to_json() == decode(raw, 1_700_000_000_000_000_000, {}, None).to_json()
+
+
+def test_other_kinds_take_the_full_decode() -> None:
+    for kind in (3, 4, 5, 6, 7):
+        raw = EVENT.pack(1, 2, 3, 0, kind, *[0] * 9, AF_INET, 0, 50, 0, 0, 0, *[bytes(16)] * 4)
+        assert encode_packet_event(raw, 0) is None

@@ -15,6 +15,7 @@ Prints `N passed, M failed` and exits 0 only if all passed; writes the events lo
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from ipsec_capture.bpf.eventlog import EventLogWriter, clock_offsets, make_heade
 from ipsec_capture.bpf.kprobes import KprobeSource
 from ipsec_capture.bpf.xfrm_stat import XfrmStatReader
 
-from ipsec_capture.models import Event
+from ipsec_capture.models import EncodedEvent, Event
 from ipsec_capture.netns import netns_inode
 
 A, B = "ict-bpf-a", "ict-bpf-b"
@@ -98,9 +99,9 @@ def main() -> int:
     writer = EventLogWriter(path, make_header(clock=clock, sources=[{"name": "kprobe", "active": True,
                                                                      "why": "lab check"}]))
 
-    def emit(ev: Event) -> None:
-        events.append(ev)
+    def emit(ev: Event | EncodedEvent) -> None:
         writer.write(ev)
+        events.append(Event.from_dict(json.loads(ev.to_json())))  # checked as the log holds it
 
     src = KprobeSource(clock["wall_minus_mono_ns"], progress=lambda m: print(m, flush=True),
                        mechanism=mechanism)
