@@ -268,18 +268,28 @@ class PcapngWriter:
         return iid, {}, alone, len(joined), after
 
     def write(self, record: Record, comment: str | None = None) -> None:
-        """Append one packet on its point's interface (created on first use)."""
+        """Append one packet on its point's interface (created on first use). The live capture
+        writes every packet through here, so what `reserve` does is inline."""
         if self._nflog:
             data = record.nflog if record.nflog is not None else build_body(record)
             orig = len(data) + record.wire_length - len(record.payload)
         else:
             data = record.payload
             orig = record.wire_length
-        self.write_packet(record, data, orig, comment.encode() if comment else b"")
+        point_opts = self._opts.get((record.point, record.hook, record.indev, record.outdev, record.mark))
+        if point_opts is None:
+            point_opts = self._point_options(record)
+        self._reserved = point_opts
+        caplen = len(data)
+        at = self._used + EPB_HEAD_LEN
+        if at + caplen + _BLOCK_ROOM > len(self.buf):
+            at = self._room(EPB_HEAD_LEN + caplen + _BLOCK_ROOM) + EPB_HEAD_LEN
+        self.buf[at:at + caplen] = data  # a packet over the snap length is cut in commit_packet
+        self.commit_packet(record, caplen, orig, comment.encode() if comment else b"")
 
     def write_packet(self, record: Record, data: bytes | memoryview, orig: int, comment: bytes = b"") -> None:
         """Append `data` (as the file's link type has it) as one packet of `record`'s point, time
-        and metadata, with `comment` already encoded (b"": none). `write` builds on this."""
+        and metadata, with `comment` already encoded (b"": none)."""
         caplen = min(len(data), self.snaplen)
         at = self.reserve(record, caplen)
         self.buf[at:at + caplen] = data if caplen == len(data) else data[:caplen]
