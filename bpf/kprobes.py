@@ -68,6 +68,10 @@ DROP_TRACEPOINT = "kfree_skb"  # a raw tracepoint: the program gets the argument
 DROP_FN = "raw_tracepoint__kfree_skb"  # the name bcc gives RAW_TRACEPOINT_PROBE(kfree_skb)
 
 
+# Probe.kind -> bcc's BPF.attach_* / detach_* method
+_BCC_NAMES = {"fentry": "kfunc", "fexit": "kretfunc", "kprobe": "kprobe", "kretprobe": "kretprobe"}
+
+
 @dataclass(frozen=True)
 class Probe:
     """One BPF program on one kernel function; `kind` names the mechanism as `start` reports it."""
@@ -82,24 +86,16 @@ class Probe:
         return f"{self.kind}:{self.target}"
 
     def attach(self, bpf: Any) -> None:
-        if self.kind == "fentry":
-            bpf.attach_kfunc(fn_name=self.fn)
-        elif self.kind == "fexit":
-            bpf.attach_kretfunc(fn_name=self.fn)
-        elif self.kind == "kretprobe":
-            bpf.attach_kretprobe(event=self.target, fn_name=self.fn)
-        else:
-            bpf.attach_kprobe(event=self.target, fn_name=self.fn)
+        getattr(bpf, f"attach_{_BCC_NAMES[self.kind]}")(**self._where())
 
     def detach(self, bpf: Any) -> None:
-        if self.kind == "fentry":
-            bpf.detach_kfunc(fn_name=self.fn)
-        elif self.kind == "fexit":
-            bpf.detach_kretfunc(fn_name=self.fn)
-        elif self.kind == "kretprobe":
-            bpf.detach_kretprobe(event=self.target, fn_name=self.fn)
-        else:
-            bpf.detach_kprobe(event=self.target, fn_name=self.fn)
+        getattr(bpf, f"detach_{_BCC_NAMES[self.kind]}")(**self._where())
+
+    def _where(self) -> dict[str, str]:
+        """bcc's arguments: a trampoline program names its function itself (kfunc__NAME)."""
+        if self.kind in ("fentry", "fexit"):
+            return {"fn_name": self.fn}
+        return {"event": self.target, "fn_name": self.fn}
 
 
 def probes(mechanism: str) -> list[Probe]:

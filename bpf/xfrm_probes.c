@@ -222,10 +222,15 @@ static __always_inline void read_oseq(struct ipsec_event *e, struct xfrm_state *
 /* A slot on this CPU's stack. Only a call whose return was never seen (attached or detached in
    between, a kretprobe out of instances) leaves one behind; such orphans are dropped when a
    return finds its own slot under them, and the stack starts over when full. */
-static __always_inline struct in_slot *in_push(u64 frame)
+static __always_inline struct in_stack *in_stack_here(void)
 {
     int zero = 0;
-    struct in_stack *st = in_flight.lookup(&zero);
+    return in_flight.lookup(&zero);
+}
+
+static __always_inline struct in_slot *in_push(u64 frame)
+{
+    struct in_stack *st = in_stack_here();
     if (!st)
         return NULL;
     u64 d = st->depth;
@@ -240,8 +245,7 @@ static __always_inline struct in_slot *in_push(u64 frame)
 
 static __always_inline struct in_slot *in_pop(u64 frame)
 {
-    int zero = 0;
-    struct in_stack *st = in_flight.lookup(&zero);
+    struct in_stack *st = in_stack_here();
     if (!st)
         return NULL;
     u64 d = st->depth;

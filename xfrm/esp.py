@@ -135,23 +135,6 @@ def _lane(ctx: _Context) -> Lane | None:
         return end
 
     return lane
-    open_ = t.open
-
-    def lane(pkt: memoryview, buf: bytearray, out: memoryview, at: int) -> int:
-        n = len(pkt) - overhead
-        if n < 2 or n % block:
-            return -1
-        n = open_(pkt, 20, None, out, at)
-        if n < 0:
-            return -1
-        pad_len = buf[at + n - 2]
-        end = n - 2 - pad_len
-        if end < 0 or buf[at + n - 1] not in (IPPROTO_IPIP, IPPROTO_IPV6) \
-                or not buf.startswith(pads[pad_len], at + end):
-            return -1
-        return end
-
-    return lane
 
 
 def _packed(addr: str) -> bytes | None:
