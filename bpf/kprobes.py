@@ -8,7 +8,7 @@ hijack, fields loaded without helper calls), elsewhere by kprobe/kretprobe; drop
 skb:kfree_skb raw tracepoint either way. `attached` lists what was used.
 
 bcc is a system package (python3-bpfcc) and compiles against the running kernel's headers: under
-emulation that takes 80-120 s, so start() says so on stderr. Kernel probe events are stamped with
+emulation that takes 40-120 s, so start() says so on stderr. Kernel probe events are stamped with
 CLOCK_MONOTONIC and converted to wall clock with the events log's offset. Drops are emitted with
 source "kfree_skb" (as the tracefs source does), every other probe with source "kprobe".
 """
@@ -292,7 +292,7 @@ class KprobeSource:
             if mechanism == "kprobe":
                 self.fallback = "no fentry/fexit here (needs x86-64, kernel BTF, BPF trampolines)"
         self.progress(f"compiling the kernel probes ({mechanism}) with bcc "
-                      "(80-120 s under emulation, a few s on hardware)")
+                      "(40-120 s under emulation, a few s on hardware)")
         try:
             self._load(BPF, mechanism)
         except UserError as err:
