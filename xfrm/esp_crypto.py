@@ -43,10 +43,10 @@ class Transform:
     `out` so that the plaintext starts at `out[at]`; it returns the plaintext's length, or -1 on
     an ICV mismatch. Writing into the caller's buffer is the point: the decrypt pipeline gives the
     place in its pcapng buffer where the packet goes, so the plaintext is written once, where it
-    stays. `out` must have `skip` bytes before `at` (CBC deciphers the IV block there) and
-    `len(pkt) - pos + block` after it. `seq_hi` is the 4 high sequence bytes for ESN SAs, else
-    None. `block` is the alignment the ciphertext must have; `authenticated` says whether a -1
-    can happen at all.
+    stays. `out` must have a cipher block (at most 16 bytes) before `at` (CBC deciphers the IV
+    block there) and `len(pkt) - pos + block` after it. `seq_hi` is the 4 high sequence bytes
+    for ESN SAs, else None. `block` is the alignment the ciphertext must have; `authenticated`
+    says whether a -1 can happen at all.
     """
 
     name: str
@@ -55,7 +55,6 @@ class Transform:
     block: int
     authenticated: bool
     open: OpenInto
-    skip: int = 0
     # RFC 4106 / 4309 / 7634 AEADs: (the cipher's decrypt_into, salt), for the decoder's fast lane
     aead: tuple[Callable[..., int], bytes] | None = None
     overhead: int = field(init=False)  # ESP header + IV + ICV: what the ciphertext is not
@@ -184,15 +183,15 @@ _HMACS = {
 _DEFAULT_TRUNC = {16: 12, 20: 12, 32: 16, 48: 24, 64: 32}
 
 # (IV + ciphertext, out, at) -> plaintext length: the plaintext is written from out[at] on (a
-# CBC decipher writes its IV block's garbage in the `skip` bytes before), with room for one
-# block more than the input after `at`
+# CBC decipher writes its IV block's garbage in the block before), with room for one block
+# more than the input after `at`
 Decipher = Callable[[memoryview, memoryview, int], int]
 
 
 def _cbc(cipher_alg: algorithms.AES | TripleDES, block: int) -> Decipher:
     """CBC on one decryptor kept for the SA's life. Its chaining state after a packet is that
-    packet's last block, but we feed IV + ciphertext and ignore the first output block (the
-    transform's `skip`): block i is D(C[i]) xor C[i-1] with C[0] = IV, whatever came before.
+    packet's last block, but we feed IV + ciphertext and write the first output block in front
+    of `at`, where nothing reads it: block i is D(C[i]) xor C[i-1] with C[0] = IV, whatever came before.
     Nothing is built per packet: a fresh CBC context costs about as much as decrypting 1400
     bytes. (update_into wants block - 1 bytes of room past the output.)"""
     update_into = Cipher(cipher_alg, modes.CBC(b"\0" * block)).decryptor().update_into
@@ -221,23 +220,22 @@ def _plain(iv_and_ct: memoryview, out: memoryview, at: int) -> int:
     return _copied(iv_and_ct, out, at)
 
 
-def _cipher(alg: Algorithm) -> tuple[Decipher, int, int, int]:
-    """(decipher, IV length, block alignment, bytes of its output before the plaintext) for a
-    non-AEAD encryption algorithm."""
+def _cipher(alg: Algorithm) -> tuple[Decipher, int, int]:
+    """(decipher, IV length, block alignment) for a non-AEAD encryption algorithm."""
     name = alg.name
     if name in ("ecb(cipher_null)", "cipher_null", "null"):
-        return _plain, 0, 4, 0
+        return _plain, 0, 4
     if name in ("cbc(aes)", "aes"):
         if len(alg.key) not in (16, 24, 32):
             raise UnsupportedSA(f"{name}: key of {len(alg.key) * 8} bits, expected 128, 192 or 256")
-        return _cbc(algorithms.AES(alg.key), 16), 16, 16, 16
+        return _cbc(algorithms.AES(alg.key), 16), 16, 16
     if name in ("cbc(des3_ede)", "des3_ede"):
         if len(alg.key) != 24:
             raise UnsupportedSA(f"{name}: key of {len(alg.key) * 8} bits, expected 192")
-        return _cbc(TripleDES(alg.key), 8), 8, 8, 8
+        return _cbc(TripleDES(alg.key), 8), 8, 8
     if name == "rfc3686(ctr(aes))":
         key, nonce = _split_salt(alg, 4, (16, 24, 32))
-        return _ctr(key, nonce), 8, 4, 0
+        return _ctr(key, nonce), 8, 4
     raise UnsupportedSA(f"encryption {name} is not supported")
 
 
@@ -257,7 +255,7 @@ def _integrity(alg: Algorithm | None) -> tuple[HMAC | None, int]:
 
 
 def _enc_auth(enc: Algorithm, auth: Algorithm | None) -> Transform:
-    decipher, iv_len, block, skip = _cipher(enc)
+    decipher, iv_len, block = _cipher(enc)
     mac, icv = _integrity(auth)
     name = enc.name + (f"+{auth.name}" if mac else "")
 
@@ -265,7 +263,7 @@ def _enc_auth(enc: Algorithm, auth: Algorithm | None) -> Transform:
         def open_plain(pkt: memoryview, pos: int, seq_hi: bytes | None, out: memoryview, at: int) -> int:
             return decipher(pkt[pos + 8:], out, at)
 
-        return Transform(name, iv_len, 0, block, False, open_plain, skip)
+        return Transform(name, iv_len, 0, block, False, open_plain)
 
     full = mac.algorithm.digest_size
     compare = hmac.compare_digest
@@ -282,7 +280,7 @@ def _enc_auth(enc: Algorithm, auth: Algorithm | None) -> Transform:
             return -1
         return decipher(pkt[pos + 8:-icv], out, at)
 
-    return Transform(name, iv_len, icv, block, True, open_auth, skip)
+    return Transform(name, iv_len, icv, block, True, open_auth)
 
 
 _AEADS: dict[str, Callable[[Algorithm], Transform]] = {
