@@ -22,12 +22,13 @@ from ipsec_capture.xfrm.esp import (
     OK,
     ROOM,
     STATUSES,
+    TUNNEL_HEADERS,
     DecryptResult,
     EspDecoder,
     Lane,
     esp_header,
 )
-from ipsec_capture.xfrm.esp_header import IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_IPV6
+from ipsec_capture.xfrm.esp_header import IPPROTO_ESP
 from ipsec_capture.xfrm.sa import MODE_UNKNOWN
 
 from ipsec_capture.models import Record
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
     from ipsec_capture.capture.pcapng import PcapngWriter
 
 _AF_INET, _AF_INET6 = 2, 10
-_TUNNEL_HEADERS = (IPPROTO_IPIP, IPPROTO_IPV6)  # next headers of an inner packet (mode unknown: tunnel)
 _MAX_COMMENT_KINDS = 4096  # distinct (SA, result, detail) comments remembered by decrypt_to_writer
 
 
@@ -146,7 +146,7 @@ def comment_parts(result: DecryptResult) -> tuple[str, str]:
     after = f": {result.status}"
     if result.status == OK and result.inner_len >= 0:
         mode = result.sa.mode if result.sa else ""
-        tunnel = mode == "tunnel" or (mode == MODE_UNKNOWN and result.next_header in _TUNNEL_HEADERS)
+        tunnel = mode == "tunnel" or (mode == MODE_UNKNOWN and result.next_header in TUNNEL_HEADERS)
         after += " (decrypted, inner packet)" if tunnel \
             else " (decrypted, transport payload under the outer header)"
     if result.detail:
@@ -238,13 +238,13 @@ def decrypt_to_writer(records: Iterable[Record], decoder: EspDecoder, summary: D
         else:
             result = decrypt_into(payload, writer.buf, writer.view, at)
             status = result.status
+            inner_len = result.inner_len
             if status == NOT_ESP:
                 summary.packets += 1
                 summary.not_esp += 1
-                writer.view[at:at + size] = payload
-                commit(record, size, record.length or size)
+                comment = b""
             else:
-                key = (status, result.spi, result.detail, result.inner_len < 0, result.next_header)
+                key = (status, result.spi, result.detail, inner_len < 0, result.next_header)
                 kind = kinds.get(key)
                 if kind is None or kind.sa is not result.sa:  # new, or another SA with the same SPI
                     summary.add(result, payload)
@@ -257,17 +257,16 @@ def decrypt_to_writer(records: Iterable[Record], decoder: EspDecoder, summary: D
                 seq = result.seq
                 comment = b"%b%d%b" % (kind.before, seq, kind.after) if seq is not None \
                     else kind.before + b"None" + kind.after
-                inner_len = result.inner_len
-                if inner_len < 0:  # not decrypted: the packet as it came
-                    writer.view[at:at + size] = payload
-                    commit(record, size, record.length or size, comment)
-                else:
-                    commit(record, inner_len, inner_len, comment)
-                    if dst_spi >= 0 and status == OK and not result.detail \
-                            and result.next_header in _TUNNEL_HEADERS and dst_spi not in lanes:
-                        lane = decoder.lane(dst_spi)
-                        if lane is not None:
-                            lanes[dst_spi] = (lane, kind.before, kind.after, kind.counts)
+                if inner_len >= 0 and dst_spi >= 0 and status == OK and not result.detail \
+                        and result.next_header in TUNNEL_HEADERS and dst_spi not in lanes:
+                    lane = decoder.lane(dst_spi)
+                    if lane is not None:
+                        lanes[dst_spi] = (lane, kind.before, kind.after, kind.counts)
+            if inner_len < 0:  # not decrypted (or not ESP): the packet as it came
+                writer.view[at:at + size] = payload
+                commit(record, size, record.length or size, comment)
+            else:
+                commit(record, inner_len, inner_len, comment)
         if progress is not None and n % every == 0:
             progress(summary)
 

@@ -51,6 +51,7 @@ _U32 = struct.Struct("!I")
 _PAD = bytes(range(1, 256))  # RFC 4303 section 2.4: default padding is 1, 2, 3, ...
 _PADS = tuple(_PAD[:n] for n in range(256))  # the padding expected for each pad length
 _MASK32 = 0xFFFFFFFF
+TUNNEL_HEADERS = (IPPROTO_IPIP, IPPROTO_IPV6)  # an inner IP packet: what tunnel mode carries
 HEADROOM = 16  # bytes decrypt_into may write before `at` (a CBC IV block)
 ROOM = 64  # bytes past a packet's length it may write after `at` (a cipher block of slack)
 _DEFAULT_WINDOW = 64  # when the SA's replay state names none (esp_sa files carry no state)
@@ -129,7 +130,7 @@ def _lane(ctx: _Context) -> Lane | None:
             return -1
         pad_len = buf[at + n - 2]
         end = n - 2 - pad_len
-        if end < 0 or buf[at + n - 1] not in (IPPROTO_IPIP, IPPROTO_IPV6) \
+        if end < 0 or buf[at + n - 1] not in TUNNEL_HEADERS \
                 or not buf.startswith(pads[pad_len], at + end):
             return -1
         return end
@@ -316,7 +317,7 @@ class EspDecoder:
         # Tunnel: the payload is the inner packet. Transport: put the outer header back around it.
         # Mode unknown (esp_sa): an inner IP packet means tunnel, as Wireshark decides too.
         if tunnel is None:
-            tunnel = next_header in (IPPROTO_IPIP, IPPROTO_IPV6)
+            tunnel = next_header in TUNNEL_HEADERS
             if not tunnel:
                 out[at + header_len:at + header_len + end] = out[at:at + end]  # memmove
         if tunnel:
