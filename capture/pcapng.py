@@ -3,8 +3,8 @@
 Blocks are assembled in memory and written with os.write in whole blocks only, so a crash (or a
 full disk, where we cut back to the last complete write) leaves a file that ends on a block
 boundary and that tshark reads to the end. Pending blocks sit in one preallocated buffer, each
-packet block filled in place: `reserve` says where a packet's bytes go, the caller (or
-`write_packet`) puts them there, and `commit_packet` packs the header and options around them.
+packet block filled in place: `reserve` says where a packet's bytes go, the caller (or `write`)
+puts them there, and `commit_packet` packs the header and options around them.
 So decrypt writes a plaintext straight into its block, and no packet is copied more than once
 before the write. Per-packet options (direction flag and comment) repeat for every packet of a
 flow, so their encoded bytes are cached per (point, hook, devices, mark); a caller's per-packet
@@ -191,10 +191,16 @@ class PcapngWriter:
             self.flush()
             used = 0
         if used + need > len(self.buf):
-            bigger = bytearray(max(used + need, 2 * len(self.buf)))
-            bigger[:used] = self.view[:used]
-            self.buf, self.view = bigger, memoryview(bigger)
+            self._grow(used + need, used)
         return used
+
+    def _grow(self, size: int, keep: int) -> bytearray:
+        """A bigger buffer (at least `size` bytes, twice the old one) with the old one's first
+        `keep` bytes."""
+        bigger = bytearray(max(size, 2 * len(self.buf)))
+        bigger[:keep] = self.view[:keep]
+        self.buf, self.view = bigger, memoryview(bigger)
+        return bigger
 
     def reserve(self, record: Record, need: int) -> int:
         """Room for `record`'s packet block with up to `need` bytes of packet: the offset in
@@ -287,14 +293,6 @@ class PcapngWriter:
         self.buf[at:at + caplen] = data  # a packet over the snap length is cut in commit_packet
         self.commit_packet(record, caplen, orig, comment.encode() if comment else b"")
 
-    def write_packet(self, record: Record, data: bytes | memoryview, orig: int, comment: bytes = b"") -> None:
-        """Append `data` (as the file's link type has it) as one packet of `record`'s point, time
-        and metadata, with `comment` already encoded (b"": none)."""
-        caplen = min(len(data), self.snaplen)
-        at = self.reserve(record, caplen)
-        self.buf[at:at + caplen] = data if caplen == len(data) else data[:caplen]
-        self.commit_packet(record, caplen, orig, comment)
-
     def commit_packet(self, record: Record, caplen: int, orig: int, comment: bytes = b"") -> None:
         """Close the packet block of the last `reserve(record, ...)`, whose `caplen` bytes the
         caller put where it said: pack its header, `record`'s time and the options of its point
@@ -312,8 +310,8 @@ class PcapngWriter:
         total = caplen + extra
         end = start + total
         buf = self.buf
-        if end > len(buf):
-            buf = self._grow_open_block(end)
+        if end > len(buf):  # a block longer than reserved (a long comment): the packet is kept
+            buf = self._grow(end, len(buf))
         pack(buf, start + EPB_HEAD_LEN + caplen, lead, comment, tail, total)
         ts = record.time_ns
         _pack_head(buf, start, BT_EPB, total, iid, ts >> 32, ts & 0xFFFFFFFF, caplen, orig)
@@ -321,13 +319,6 @@ class PcapngWriter:
         self._used = end
         if end >= self._flush_at:
             self.flush()
-
-    def _grow_open_block(self, end: int) -> bytearray:
-        """A block longer than reserved (a long comment): a bigger buffer, the packet kept."""
-        bigger = bytearray(max(end, 2 * len(self.buf)))
-        bigger[:len(self.buf)] = self.buf
-        self.buf, self.view = bigger, memoryview(bigger)
-        return bigger
 
     def flush(self) -> None:
         """Write every whole block buffered so far. On an error (ENOSPC) the file is cut back to

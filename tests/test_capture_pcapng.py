@@ -244,7 +244,7 @@ def test_buffer_growth_long_comments_and_in_memory_blocks(tmp_path: Path) -> Non
     def fill(w: PcapngWriter) -> None:
         for i, r in enumerate(recs):
             comment = long_comment if i % 997 == 0 else (b"seq %d" % i if i % 2 else b"")
-            w.write_packet(r, r.payload, len(r.payload), comment)
+            w.write(r, comment.decode() or None)
 
     with PcapngWriter(path, linktype="raw", snaplen=1000) as w:
         fill(w)
