@@ -339,23 +339,21 @@ class PcapngWriter:
         self.committed += done
         self.packets_committed = self.packets
 
-    def take(self) -> tuple[list[memoryview], int]:
-        """The blocks collected since the last take() (an in-memory writer's output, for
-        os.pwritev) and their length in bytes; removed from the writer, which goes on in a
+    def take(self) -> memoryview:
+        """The blocks collected since the last take() (an in-memory writer's output, for a
+        caller that writes them where it wants), removed from the writer, which goes on in a
         buffer of its own (one given back with `give_back` if there is one: a fresh buffer of
         megabytes costs a page fault every 4 KiB on first use)."""
-        size = self._used
-        parts = [self.view[:size]]
+        blocks = self.view[:self._used]
         self.buf = self._spare.pop() if self._spare else bytearray(len(self.buf))
         self.view = memoryview(self.buf)
         self._used = 0
-        return parts, size
+        return blocks
 
-    def give_back(self, parts: list[memoryview]) -> None:
-        """Parts from take() that have been written: their buffer serves again."""
-        for part in parts:
-            if isinstance(part.obj, bytearray) and len(part.obj) >= len(self.buf):
-                self._spare.append(part.obj)
+    def give_back(self, blocks: memoryview) -> None:
+        """What take() gave, once written: its buffer serves again."""
+        if isinstance(blocks.obj, bytearray) and len(blocks.obj) >= len(self.buf):
+            self._spare.append(blocks.obj)
 
     def close(self) -> None:
         if self._fd < 0:

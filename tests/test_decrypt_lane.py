@@ -100,13 +100,13 @@ def _reference(records: list[Record]) -> tuple[bytes, dict]:
     writer, summary = PcapngWriter(None, linktype="raw"), DecryptSummary()
     for out, result in decrypt_records(records, EspDecoder(SAS), summary):
         writer.write(out, comment_for(result))
-    return bytes(writer.take()[0][0]), summary.to_dict()
+    return bytes(writer.take()), summary.to_dict()
 
 
 def _fused(records: list[Record], decoder: EspDecoder | None = None) -> tuple[bytes, dict]:
     writer, summary = PcapngWriter(None, linktype="raw"), DecryptSummary()
     decrypt_to_writer(records, decoder or EspDecoder(SAS), summary, writer)
-    return bytes(writer.take()[0][0]), summary.to_dict()
+    return bytes(writer.take()), summary.to_dict()
 
 
 @settings(max_examples=150, deadline=None)

@@ -42,7 +42,6 @@ BLOCK = 4096  # packets per block: a few hundred messages per million packets
 MAX_PENDING = 3  # built blocks a worker holds while it waits for their offsets
 PARALLEL_FROM = 32 << 20  # bytes of input below which one process is as fast (startup)
 MAX_AUTO_JOBS = 4
-IOV_MAX = os.sysconf("SC_IOV_MAX")
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 Progress = Callable[[int, int], None]  # (packets done, ok so far)
@@ -64,18 +63,11 @@ def _quiet(_msg: str) -> None:
     pass
 
 
-def write_parts(fd: int, parts: list[memoryview], offset: int) -> None:
-    """Write `parts` one after the other at `offset`: os.pwritev, IOV_MAX pieces a call."""
-    for start in range(0, len(parts), IOV_MAX):
-        group = parts[start:start + IOV_MAX]
-        want = sum(map(len, group))
-        done = os.pwritev(fd, group, offset)
-        if done < want:  # short write (rare on a regular file): the rest piece by piece
-            rest = memoryview(b"".join(group))[done:]
-            while rest:
-                n = os.pwrite(fd, rest, offset + done)
-                rest, done = rest[n:], done + n
-        offset += want
+def write_at(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of `data` at `offset` (pwrite may write less, rarely on a regular file)."""
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
 
 
 class _Worker:
@@ -88,7 +80,7 @@ class _Worker:
         self.k, self.jobs, self.block, self.conn, self.writer = k, jobs, block, conn, writer
         self.share = Share(k, jobs, block)  # what the reader may skip for us
         self.fd = os.open(out, os.O_WRONLY | os.O_CLOEXEC)
-        self.pending: dict[int, list[memoryview]] = {}
+        self.pending: dict[int, memoryview] = {}
         self.summary = DecryptSummary()
         self.seen = 0  # records in the file (every worker reads them all)
         self._counted = (0, 0)  # packets and ok of the summary at the last block's end
@@ -120,21 +112,21 @@ class _Worker:
         self.seen = share.count if share.skips else i + 1
 
     def _finished(self, b: int) -> None:
-        parts, size = self.writer.take()
+        blocks = self.writer.take()
         ok = self.summary.totals().get("ok", 0)
         packets = self.summary.packets
-        self.conn.send(("size", b, size, packets - self._counted[0], ok - self._counted[1]))
+        self.conn.send(("size", b, len(blocks), packets - self._counted[0], ok - self._counted[1]))
         self._counted = (packets, ok)
-        self.pending[b] = parts
+        self.pending[b] = blocks
         self._place(block=len(self.pending) > MAX_PENDING)
 
     def _place(self, block: bool) -> None:
         """Write the blocks whose offsets have come (waiting for one if `block`)."""
         while self.conn.poll(None if block else 0):
             b, offset = self.conn.recv()
-            parts = self.pending.pop(b)
-            write_parts(self.fd, parts, offset)
-            self.writer.give_back(parts)
+            blocks = self.pending.pop(b)
+            write_at(self.fd, blocks, offset)
+            self.writer.give_back(blocks)
             block = len(self.pending) > MAX_PENDING
 
     def finish(self) -> None:
