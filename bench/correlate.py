@@ -27,7 +27,6 @@ from collections.abc import Iterator
 
 from ipsec_capture.correlate.join import Joiner
 from ipsec_capture.correlate.summary import Summary
-
 from ipsec_capture.models import Event, Record
 
 SPI = 0xC0FFEE01
@@ -37,7 +36,7 @@ _ESP = struct.Struct("!II")
 
 
 def _template() -> bytearray:
-    from ipsec_capture.correlate.synthetic import esp4, udp4
+    from tests.support.synthetic import esp4, udp4
 
     return bytearray(esp4("192.0.2.1", "192.0.2.2", SPI, 1, udp4("10.1.0.1", "10.2.0.1", 1, b"x" * 64)))
 

@@ -37,8 +37,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from ipsec_capture.xfrm.decrypt_parallel import auto_jobs
-from ipsec_capture.xfrm.esp import EspDecoder
+
+from ipsec_capture.decrypt.decoder import EspDecoder
+from ipsec_capture.decrypt.parallel import auto_jobs
 from ipsec_capture.xfrm.esp_sa import tshark_args, write_esp_sa
 from ipsec_capture.xfrm.sa import SA, Algorithm
 
@@ -144,10 +145,9 @@ def decoder_only(path: Path, sa: SA) -> float:
 
 def _byte_compile() -> None:
     """Compile the package's modules to .pyc where they are (pip does so for a regular install)."""
+    import ipsec_capture
     import ipsec_capture.capture
     import ipsec_capture.xfrm
-
-    import ipsec_capture
 
     for package in (ipsec_capture, ipsec_capture.capture, ipsec_capture.xfrm):
         root = Path(package.__file__).parent

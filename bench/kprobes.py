@@ -96,7 +96,6 @@ def consumer(netns: str, log: Path, empty: bool = False, mechanism: str = "auto"
     MECHANISM` once attached."""
     from ipsec_capture.bpf.eventlog import EventLogWriter, clock_offsets, make_header
     from ipsec_capture.bpf.kprobes import DROP_FN, DROP_TRACEPOINT, KprobeSource, load_bcc, manual_bpf, probes
-
     from ipsec_capture.netns import netns_inode
 
     writer = EventLogWriter(log, make_header())

@@ -17,12 +17,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ipsec_capture.bpf.eventlog import EventLogWriter, make_header
-from ipsec_capture.bpf.sources import KernelEvents, describe, plan_sources
-
 from ipsec_capture.errors import UserError
 from ipsec_capture.models import Event
 from ipsec_capture.netns import netns_inode
+
+from .eventlog import EventLogWriter, make_header
+from .sources import KernelEvents, describe, plan_sources
 
 
 def sa_snapshot_events(netns: str | None, inode: int | None, now: int | None = None) -> list[Event]:

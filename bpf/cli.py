@@ -13,10 +13,10 @@ import sys
 import threading
 from typing import Any
 
-from ipsec_capture.bpf.capture_events import CaptureEvents
-from ipsec_capture.bpf.sources import MODES
-
 from ipsec_capture.errors import UserError, require_root
+
+from .capture_events import CaptureEvents
+from .sources import MODES
 
 
 def register(sub: Any) -> None:

@@ -24,10 +24,10 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-from ipsec_capture.bpf.kallsyms import Kallsyms
-
 from ipsec_capture.errors import UserError
 from ipsec_capture.models import Event
+
+from .kallsyms import Kallsyms
 
 SOURCE = "kfree_skb"
 INSTANCE_PREFIX = "ipsec_capture_"

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ipsec_capture.bpf.kallsyms import Kallsyms
-from ipsec_capture.bpf.kfree_skb import EVENT_DIR, NOT_IPSEC_REASONS, Tracefs, is_xfrm_drop, reason_names
-
 from ipsec_capture.errors import UserError
 from ipsec_capture.models import EncodedEvent, Event, json_line
+
+from .kallsyms import Kallsyms
+from .kfree_skb import EVENT_DIR, NOT_IPSEC_REASONS, Tracefs, is_xfrm_drop, reason_names
 
 SOURCE = "kprobe"
 PROGRAM = Path(__file__).with_name("xfrm_probes.c")

@@ -22,11 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ipsec_capture.bpf.eventlog import EventLogWriter
-
 from ipsec_capture.errors import UserError
 from ipsec_capture.models import EncodedEvent, Event
 from ipsec_capture.netns import netns_inode, netns_path
+
+from .eventlog import EventLogWriter
 
 MODES = ("auto", "kprobe", "tracepoint", "off")
 KPROBE_PMU = "/sys/bus/event_source/devices/kprobe"
@@ -67,14 +67,14 @@ def kprobe_status() -> SourceStatus:
 
 
 def tracepoint_status() -> SourceStatus:
-    from ipsec_capture.bpf.kfree_skb import tracefs_available
+    from .kfree_skb import tracefs_available
 
     ok, why = tracefs_available()
     return SourceStatus("tracepoint", ok, f"skb:kfree_skb via {why}" if ok else why)
 
 
 def xfrm_stat_status(netns: str | None) -> SourceStatus:
-    from ipsec_capture.bpf.xfrm_stat import XfrmStatReader
+    from .xfrm_stat import XfrmStatReader
 
     try:
         XfrmStatReader(netns).close()
@@ -169,16 +169,16 @@ class KernelEvents:
 
     def _build(self, status: SourceStatus) -> Source:
         if status.name == "kprobe":
-            from ipsec_capture.bpf.kprobes import KprobeSource
+            from .kprobes import KprobeSource
 
             return KprobeSource(self._wall_minus_mono, netns_inode(self.netns) if self.netns else None,
                                 keep_all_drops=self.keep_all_drops, progress=self.progress)
         if status.name == "tracepoint":
-            from ipsec_capture.bpf.kfree_skb import KfreeSkbSource
+            from .kfree_skb import KfreeSkbSource
 
             return KfreeSkbSource(self._wall_minus_boot, keep_all=self.keep_all_drops)
         if status.name == "xfrm_stat":
-            from ipsec_capture.bpf.xfrm_stat import XfrmStatSource
+            from .xfrm_stat import XfrmStatSource
 
             return XfrmStatSource(self.netns, self.poll_interval)
         return MonitorSource(self.netns)

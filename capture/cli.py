@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ipsec_capture.capture.start import EXIT_LOST, Capture, Companion, StartOptions, run_start
-
 from ipsec_capture.errors import UserError
+
+from .start import EXIT_LOST, Capture, Companion, StartOptions, run_start
 
 BACKENDS = ("auto", "nft", "iptables", "iptables-legacy", "iptables-nft")
 

@@ -19,10 +19,10 @@ import time
 from dataclasses import dataclass
 from types import TracebackType
 
-from ipsec_capture.capture.nflog_tlv import BodyParser
-
 from ipsec_capture.errors import UserError, require_root
 from ipsec_capture.netns import entered, netns_inode
+
+from .nflog_tlv import BodyParser
 
 NETLINK_NETFILTER = 12  # <linux/netlink.h>
 SOL_NETLINK = 270  # <linux/socket.h>

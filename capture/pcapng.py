@@ -23,10 +23,10 @@ import struct
 from collections.abc import Callable
 from types import TracebackType
 
-from ipsec_capture.capture.nflog_tlv import INBOUND_HOOKS, OUTBOUND_HOOKS, build_body
-
 from ipsec_capture.errors import UserError
 from ipsec_capture.models import Record
+
+from .nflog_tlv import INBOUND_HOOKS, OUTBOUND_HOOKS, build_body
 
 # pcapng (draft-ietf-opsawg-pcapng) block types and option codes
 BT_SHB = 0x0A0D0D0A
@@ -129,7 +129,7 @@ class PcapngWriter:
                  application: str = "ipsec-capture", comment: str | None = None,
                  ifname: Callable[[int], str] | None = None) -> None:
         """`path` None: no file and no section header; blocks collect in memory until `take()`,
-        for a caller that places them in a file itself (xfrm/decrypt_parallel.py)."""
+        for a caller that places them in a file itself (decrypt/parallel.py)."""
         if linktype not in LINKTYPES:
             raise UserError(f"unknown link type {linktype!r}: choose from {', '.join(LINKTYPES)}")
         self.path = os.fspath(path) if path is not None else None

@@ -23,10 +23,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from ipsec_capture.capture.nflog_tlv import BodyParser, detect_tlv_order, family_of
-
 from ipsec_capture.errors import UserError
 from ipsec_capture.models import Record
+
+from .nflog_tlv import BodyParser, detect_tlv_order, family_of
 
 # pcap-linktype(7)
 LINKTYPE_EN10MB = 1

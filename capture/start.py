@@ -26,13 +26,13 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ipsec_capture.capture.filters import build_filter
-from ipsec_capture.capture.nflog import NflogReader
-from ipsec_capture.capture.pcapng import PcapngWriter
-from ipsec_capture.capture.status import StatusLine, human_bytes
-
 from ipsec_capture.errors import UserError, require_root
 from ipsec_capture.netns import entered, netns_path
+
+from .filters import build_filter
+from .nflog import NflogReader
+from .pcapng import PcapngWriter
+from .status import StatusLine, human_bytes
 
 EXIT_LOST = 3  # the capture finished but the kernel dropped packets we never saw
 POLL_MS = 100

@@ -8,11 +8,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ipsec_capture.correlate.bundle import Inputs
-from ipsec_capture.correlate.causes import CAUSES
-from ipsec_capture.correlate.join import SECOND, Joiner
-from ipsec_capture.correlate.packet import Packet
-from ipsec_capture.correlate.summary import PacketFilter, Summary
+from .bundle import Inputs
+from .causes import CAUSES
+from .join import SECOND, Joiner
+from .packet import Packet
+from .summary import PacketFilter, Summary
 
 SCHEMA = "ipsec-capture-report"
 SCHEMA_VERSION = 1

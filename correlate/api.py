@@ -1,6 +1,6 @@
 """The notebook API: load a bundle, iterate its joined packets, get tables.
 
-    from ipsec_capture.correlate.api import load
+    from .api import load
     b = load("out.pcapng")                 # finds out.events.jsonl and out.esp_sa beside it
     for p in b.packets():                  # streamed: correlate.packet.Packet
         print(p.spi, p.seq, p.verdict, p.cause, p.evidence)
@@ -16,13 +16,13 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from ipsec_capture.correlate.analysis import Analysis, analyse, joined
-from ipsec_capture.correlate.bundle import Inputs, open_bundle
-from ipsec_capture.correlate.packet import Packet
-from ipsec_capture.correlate.peer import join_peers
-from ipsec_capture.correlate.summary import PacketFilter
-
 from ipsec_capture.errors import UserError
+
+from .analysis import Analysis, analyse, joined
+from .bundle import Inputs, open_bundle
+from .packet import Packet
+from .peer import join_peers
+from .summary import PacketFilter
 
 SECOND = 1_000_000_000
 TABLES = ("sa", "packets", "drops", "incidents", "sa_history", "timeline")

@@ -59,18 +59,18 @@ def _per_capture(values: list[str] | None, n: int, what: str) -> list[str | None
 
 
 def run(args: argparse.Namespace) -> int:
-    from ipsec_capture.correlate import report_html, report_json, report_text
-    from ipsec_capture.correlate.analysis import analyse
-    from ipsec_capture.correlate.api import LoadedBundle
-    from ipsec_capture.correlate.bundle import open_bundle
-    from ipsec_capture.correlate.summary import PacketFilter
+    from . import report_html, report_json, report_text
+    from .analysis import analyse
+    from .api import LoadedBundle
+    from .bundle import open_bundle
+    from .summary import PacketFilter
 
     if args.limit < 0:
         raise UserError("--limit must be 0 (all) or more")
     if args.window <= 0:
         raise UserError("--window must be a positive number of seconds")
     if args.cause is not None:
-        from ipsec_capture.correlate.causes import CAUSES
+        from .causes import CAUSES
 
         if args.cause not in CAUSES:
             raise UserError(f"unknown cause {args.cause!r}: choose from {', '.join(CAUSES)}")

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ipsec_capture.correlate.causes import (
+from .causes import (
     ANCHOR_CAUSES,
     EINPROGRESS,
     cause_for_drop,
     cause_for_ret,
     drop_reason_named,
 )
-from ipsec_capture.correlate.packet import CLEAR, FAILED, OK, UNKNOWN, Packet
-from ipsec_capture.correlate.sahistory import SaHistory
+from .packet import CLEAR, FAILED, OK, UNKNOWN, Packet
+from .sahistory import SaHistory
 
 
 @dataclass(slots=True)

@@ -23,7 +23,10 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
-from ipsec_capture.correlate.causes import (
+from ipsec_capture.decrypt.esp_header import IPPROTO_ESP, locate
+from ipsec_capture.models import Event, Record
+
+from .causes import (
     ANCHOR_CAUSES,
     MODE_ERROR_TOO_BIG,
     cause_for_counter,
@@ -31,8 +34,8 @@ from ipsec_capture.correlate.causes import (
     drop_reason_named,
     too_big_for_tunnel,
 )
-from ipsec_capture.correlate.diagnosis import PROBE_ACCEPTED, Context, diagnose, fmt_time
-from ipsec_capture.correlate.packet import (
+from .diagnosis import PROBE_ACCEPTED, Context, diagnose, fmt_time
+from .packet import (
     CLEAR,
     ESP,
     IKE_POINTS,
@@ -44,10 +47,7 @@ from ipsec_capture.correlate.packet import (
     settle,
     waiting_packet,
 )
-from ipsec_capture.correlate.sahistory import SaHistory
-from ipsec_capture.xfrm.esp_header import IPPROTO_ESP, locate
-
-from ipsec_capture.models import Event, Record
+from .sahistory import SaHistory
 
 _ESP = struct.Struct("!II")  # RFC 4303: SPI, sequence number
 _U16 = struct.Struct("!H")
@@ -171,7 +171,7 @@ class Joiner:
         self.decoder = None
         sas = list(sas or ())
         if sas:
-            from ipsec_capture.xfrm.esp import EspDecoder
+            from ipsec_capture.decrypt.decoder import EspDecoder
 
             self.decoder = EspDecoder(sas)
         sources = {s.get("name") for s in (header or {}).get("sources", []) if isinstance(s, dict)

@@ -11,9 +11,9 @@ import socket
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ipsec_capture.correlate.sahistory import SaLife
-
 from ipsec_capture.models import Event, Record
+
+from .sahistory import SaLife
 
 OK, FAILED, UNKNOWN = "ok", "failed", "unknown"
 VERDICTS = (OK, FAILED, UNKNOWN)

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ipsec_capture.correlate.packet import ESP, FAILED, OK, Packet
+from .packet import ESP, FAILED, OK, Packet
 
 SECOND = 1_000_000_000
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
-from ipsec_capture.correlate import svgplot
-from ipsec_capture.correlate.diagnosis import fmt_time
-from ipsec_capture.correlate.summary import drop_spi_label
+from . import svgplot
+from .diagnosis import fmt_time
+from .summary import drop_spi_label
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}

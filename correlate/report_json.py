@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ipsec_capture.correlate.analysis import SCHEMA, SCHEMA_VERSION
+from .analysis import SCHEMA, SCHEMA_VERSION
 
 
 def document(reports: list[dict[str, Any]], peers: list[dict[str, Any]]) -> dict[str, Any]:

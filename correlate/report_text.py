@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ipsec_capture.correlate.diagnosis import fmt_time
-from ipsec_capture.correlate.summary import drop_spi_label
+from .diagnosis import fmt_time
+from .summary import drop_spi_label
 
 
 def _t(ns: int | None) -> str:

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ipsec_capture.correlate.causes import CAUSES
-from ipsec_capture.correlate.diagnosis import fmt_time
-from ipsec_capture.correlate.join import Joiner
-from ipsec_capture.correlate.packet import FAILED, OK, UNKNOWN, Packet
+from .causes import CAUSES
+from .diagnosis import fmt_time
+from .join import Joiner
+from .packet import FAILED, OK, UNKNOWN, Packet
 
 SECOND = 1_000_000_000
 

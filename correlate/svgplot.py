@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from html import escape
 
-from ipsec_capture.correlate.diagnosis import fmt_time
+from .diagnosis import fmt_time
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
           "#7f7f7f", "#bcbd22")

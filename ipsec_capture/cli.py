@@ -18,7 +18,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "ipsec_capture.capture.cli": ("start",),
     "ipsec_capture.rules.cli": ("rules",),
     "ipsec_capture.xfrm.cli": ("keys", "sa"),
-    "ipsec_capture.xfrm.decrypt_cli": ("decrypt",),
+    "ipsec_capture.decrypt.cli": ("decrypt",),
     "ipsec_capture.bpf.cli": ("events",),
     "ipsec_capture.correlate.cli": ("report",),
     "ipsec_capture.lab.cli": ("lab",),

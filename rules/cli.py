@@ -6,7 +6,9 @@ import argparse
 import sys
 import time
 
-from ipsec_capture.rules.manager import (
+from ipsec_capture.errors import UserError
+
+from .manager import (
     BACKENDS,
     InstalledSet,
     build,
@@ -15,9 +17,7 @@ from ipsec_capture.rules.manager import (
     list_installed,
     remove_group,
 )
-from ipsec_capture.rules.points import POINTS, parse_points
-
-from ipsec_capture.errors import UserError
+from .points import POINTS, parse_points
 
 _POINTS_HELP = "comma-separated capture points (default: all): " + ", ".join(
     f"{p.name} = {p.description}" for p in POINTS.values()

@@ -14,11 +14,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ipsec_capture.rules.command import have, run
-from ipsec_capture.rules.owner import Tag, parse_tag
-from ipsec_capture.rules.points import POINTS
-
 from ipsec_capture.errors import UserError
+
+from .command import have, run
+from .owner import Tag, parse_tag
+from .points import POINTS
 
 FLAVOURS = ("legacy", "nft")
 FAMILIES = (4, 6)

@@ -11,12 +11,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ipsec_capture.rules import iptables, nft
-from ipsec_capture.rules.command import have, run
-from ipsec_capture.rules.owner import Tag, pid_alive
-from ipsec_capture.rules.points import POINTS, parse_points
-
 from ipsec_capture.errors import UserError, require_root
+
+from . import iptables, nft
+from .command import have, run
+from .owner import Tag, pid_alive
+from .points import POINTS, parse_points
 
 BACKENDS = ("auto", "nft", "iptables", "iptables-legacy", "iptables-nft")
 GROUP_MAX = 65535  # NFLOG group is a u16 (struct nfulnl_msg_config / nf_loginfo.u.ulog.group)

@@ -12,9 +12,9 @@ import json
 import re
 from collections.abc import Sequence
 
-from ipsec_capture.rules.command import run
-from ipsec_capture.rules.owner import Tag, parse_tag
-from ipsec_capture.rules.points import POINTS
+from .command import run
+from .owner import Tag, parse_tag
+from .points import POINTS
 
 FAMILY = "inet"
 TABLE_PREFIX = "ipsec_capture_g"

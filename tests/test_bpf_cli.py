@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 from ipsec_capture.bpf.eventlog import read_events
-
 from tests.conftest import requires_root
 
 CMD = [sys.executable, "-m", "ipsec_capture"]

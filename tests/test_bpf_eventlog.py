@@ -9,8 +9,8 @@ import threading
 import time
 
 import pytest
-from ipsec_capture.bpf.eventlog import FORMAT_KEY, EventLogWriter, clock_offsets, make_header, read_events
 
+from ipsec_capture.bpf.eventlog import FORMAT_KEY, EventLogWriter, clock_offsets, make_header, read_events
 from ipsec_capture.errors import UserError
 from ipsec_capture.models import Event
 

@@ -19,7 +19,6 @@ from ipsec_capture.bpf.kfree_skb import (
     reason_names,
     remove_stale_instances,
 )
-
 from tests.conftest import requires_root
 
 LINE_618 = (b"          <idle>-0       [001] ..s1.  5123.000250: kfree_skb: skbaddr=ffff88810706a900 "

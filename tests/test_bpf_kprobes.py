@@ -9,6 +9,7 @@ import socket
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from ipsec_capture.bpf.kprobes import (
     ANCHORS,
     DROP_FN,

@@ -6,12 +6,12 @@ import os
 import time
 
 import pytest
+
 from ipsec_capture.bpf.eventlog import EventLogWriter, make_header, read_events
 from ipsec_capture.bpf.sources import KernelEvents, describe, kprobe_status, plan_sources
-
 from ipsec_capture.errors import UserError
 from tests.conftest import requires_root
-from tests.test_bpf_xfrm_stat import send_udp
+from tests.support.bundles import send_udp
 
 HAS_KPROBES = os.path.isdir("/sys/bus/event_source/devices/kprobe")
 

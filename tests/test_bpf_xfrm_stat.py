@@ -4,10 +4,11 @@ happened (policy with a template and no state), a block policy moves XfrmOutPolB
 from __future__ import annotations
 
 import pytest
-from ipsec_capture.bpf.xfrm_stat import MEANINGS, XfrmStatReader, XfrmStatSource, deltas, parse
 
+from ipsec_capture.bpf.xfrm_stat import MEANINGS, XfrmStatReader, XfrmStatSource, deltas, parse
 from ipsec_capture.errors import UserError
 from tests.conftest import requires_root
+from tests.support.bundles import send_udp
 
 SAMPLE = b"XfrmInError             \t0\nXfrmInNoStates          \t7\nXfrmOutNoStates\t2\nbogus line\n"
 
@@ -37,15 +38,6 @@ def test_every_counter_of_this_kernel_has_a_meaning():
 def test_bad_netns_is_a_user_error():
     with pytest.raises(UserError, match="does not exist"):
         XfrmStatReader("ict-no-such-namespace")
-
-
-def send_udp(pair, host: str, dst: str, count: int) -> None:
-    """`count` UDP datagrams from `host`; send errors (EPERM from a block policy) are expected."""
-    code = ("import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-            f"for _ in range({count}):\n"
-            f"    try: s.sendto(b'x', ('{dst}', 9))\n"
-            "    except OSError: pass\n")
-    pair.run(host, "python3", "-c", code)
 
 
 def _collect(ns: str) -> tuple[XfrmStatSource, list]:

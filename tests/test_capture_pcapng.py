@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ipsec_capture.capture.pcapng import PcapngWriter
-from ipsec_capture.capture.pcapread import read_records
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.ipsec import ESP
 from scapy.layers.l2 import CookedLinux, Dot1Q, Ether
 from scapy.utils import wrpcap
 
+from ipsec_capture.capture.pcapng import PcapngWriter
+from ipsec_capture.capture.pcapread import read_records
 from ipsec_capture.errors import UserError
 from ipsec_capture.models import Record
 from tests.conftest import IS_ROOT, require_tool

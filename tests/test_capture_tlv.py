@@ -10,6 +10,10 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scapy.layers.inet import IP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.ipsec import ESP
+
 from ipsec_capture.capture.filters import build_filter, esp_spi
 from ipsec_capture.capture.nflog_tlv import (
     NFULA_PAYLOAD,
@@ -21,10 +25,6 @@ from ipsec_capture.capture.nflog_tlv import (
     detect_tlv_order,
     parse_body,
 )
-from scapy.layers.inet import IP, UDP
-from scapy.layers.inet6 import IPv6
-from scapy.layers.ipsec import ESP
-
 from ipsec_capture.errors import UserError
 from ipsec_capture.models import Record
 

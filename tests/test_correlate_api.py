@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from ipsec_capture.correlate.api import load
 
+from ipsec_capture.correlate.api import load
 from ipsec_capture.errors import UserError
-from tests.test_report_cli import KEY, SPI, A, B, gcm_sa, no_state_host, write_bundle
+from tests.support.bundles import KEY, SPI, A, B, no_state_host, write_bundle
+from tests.support.synthetic import gcm_sa
 
 
 def test_load_iterate_and_tables(tmp_path):

@@ -7,7 +7,7 @@ import os
 
 from ipsec_capture.correlate.analysis import analyse
 from ipsec_capture.correlate.bundle import Inputs
-from ipsec_capture.correlate.synthetic import Host, esp4, gcm_sa, ip4, udp4
+from tests.support.synthetic import Host, esp4, gcm_sa, ip4, udp4
 
 A, B = "192.0.2.1", "192.0.2.2"
 IA, IB = "10.1.0.1", "10.2.0.1"

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 
-from ipsec_capture.xfrm.decrypt import DecryptSummary, comment_for, decrypt_records
-from ipsec_capture.xfrm.esp import EspDecoder
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.packet import Raw
 
+from ipsec_capture.decrypt.decoder import EspDecoder
+from ipsec_capture.decrypt.pipeline import DecryptSummary, comment_for, decrypt_records
 from ipsec_capture.models import Record
-from tests.test_esp_build import SUITES, Keys, make_sa, outer, seal
+from tests.support.esp_build import SUITES, Keys, make_sa, outer, seal
 
 A, B = "192.0.2.1", "192.0.2.2"
 

@@ -4,62 +4,22 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import struct
 import subprocess
 from pathlib import Path
 
 import pytest
-from ipsec_capture.xfrm.esp_sa import write_esp_sa
-from scapy.layers.inet import ICMP, IP, UDP
-from scapy.layers.inet6 import IPv6
-from scapy.packet import Raw
 
 from ipsec_capture.cli import main
+from ipsec_capture.xfrm.esp_sa import write_esp_sa
 from tests.conftest import require_tool
-from tests.test_esp_build import SUITES, Keys, make_sa, outer, seal
-
-LINKTYPE_RAW = 101
-A4, B4, A6, B6 = "192.0.2.1", "192.0.2.2", "2001:db8::1", "2001:db8::2"
+from tests.support.bundles import A4, B4, scenario
+from tests.support.esp_build import SUITES, Keys, make_sa
 
 needs_capture_io = pytest.mark.skipif(
     importlib.util.find_spec("ipsec_capture.capture.pcapread") is None
     or importlib.util.find_spec("ipsec_capture.capture.pcapng") is None,
     reason="capture/pcapread.py and capture/pcapng.py (the capture room's reader/writer) are not there yet",
 )
-
-
-def write_pcap(path: Path, packets: list[bytes]) -> None:
-    """Classic pcap, raw IP link type: what `tcpdump -i any`-less tools and other people send us."""
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, LINKTYPE_RAW))
-        for i, p in enumerate(packets):
-            fh.write(struct.pack("<IIII", 1_700_000_000, i, len(p), len(p)) + p)
-
-
-def scenario(tmp_path: Path) -> tuple[Path, Path, list[str]]:
-    """A capture mixing a GCM tunnel (v4), a CBC+SHA256 transport SA (v6), NAT-T, a plain
-    packet, a tampered packet and an SPI without keys; the esp_sa table for it."""
-    gcm, cbc, natt = Keys.random(SUITES[0]), Keys.random(SUITES[12]), Keys.random(SUITES[1])
-    icmp = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / ICMP(id=7, seq=1) / Raw(b"ping"))
-    udp6 = IPv6(src=A6, dst=B6) / UDP(sport=4000, dport=5000) / Raw(b"six")
-    udp6_l4 = bytes(udp6)[40:]
-    natt_inner = bytes(IP(src="10.9.0.1", dst="10.9.0.2") / UDP(sport=53, dport=53) / Raw(b"dns"))
-    tampered = bytearray(outer(seal(gcm, 0x101, 3, icmp, 4), A4, B4))
-    tampered[-3] ^= 1
-    packets = [
-        outer(seal(gcm, 0x101, 1, icmp, 4), A4, B4),
-        bytes(IP(src=A4, dst=B4) / UDP(sport=1, dport=2) / Raw(b"clear")),
-        outer(seal(cbc, 0x202, 1, udp6_l4, 17), A6, B6),
-        outer(seal(natt, 0x303, 9, natt_inner, 4), "198.51.100.7", B4, natt=True),
-        bytes(tampered),
-        outer(seal(gcm, 0x404, 1, icmp, 4), A4, B4),
-    ]
-    pcap, keys = tmp_path / "in.pcap", tmp_path / "in.esp_sa"
-    write_pcap(pcap, packets)
-    sas = [make_sa(gcm, 0x101, A4, B4, mode="tunnel"), make_sa(cbc, 0x202, A6, B6),
-           make_sa(natt, 0x303, A4, B4, mode="tunnel", natt=True)]
-    keys.write_text(write_esp_sa(sas, 8))
-    return pcap, keys, ["ok", "not-esp", "ok", "ok", "icv-fail", "no-sa"]
 
 
 @needs_capture_io

@@ -10,16 +10,16 @@ import struct
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ipsec_capture.capture.pcapng import PcapngWriter
-from ipsec_capture.xfrm.decrypt import DecryptSummary, comment_for, decrypt_records, decrypt_to_writer
-from ipsec_capture.xfrm.esp import EspDecoder
-from ipsec_capture.xfrm.sa import ESN_UNKNOWN, MODE_UNKNOWN, SA, Replay
 from scapy.layers.inet import IP, UDP, IPOption_NOP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
+from ipsec_capture.capture.pcapng import PcapngWriter
+from ipsec_capture.decrypt.decoder import EspDecoder
+from ipsec_capture.decrypt.pipeline import DecryptSummary, comment_for, decrypt_records, decrypt_to_writer
 from ipsec_capture.models import Record
-from tests.test_esp_build import SUITES, Keys, make_sa, outer, seal
+from ipsec_capture.xfrm.sa import ESN_UNKNOWN, MODE_UNKNOWN, SA, Replay
+from tests.support.esp_build import SUITES, Keys, make_sa, outer, seal
 
 A4, B4, A6, B6 = "192.0.2.1", "192.0.2.2", "2001:db8::1", "2001:db8::2"
 T0 = 1_700_000_000_000_000_000

@@ -9,21 +9,21 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from ipsec_capture.capture.pcapng import PcapngWriter
-from ipsec_capture.capture.pcapread import read_records
-from ipsec_capture.xfrm.decrypt import DecryptSummary, decrypt_to_writer
-from ipsec_capture.xfrm.decrypt_cli import point_namer
-from ipsec_capture.xfrm.decrypt_parallel import decrypt_parallel
-from ipsec_capture.xfrm.esp import EspDecoder
-from ipsec_capture.xfrm.sa import SA, Replay
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.packet import Raw
 
+from ipsec_capture.capture.pcapng import PcapngWriter
+from ipsec_capture.capture.pcapread import read_records
 from ipsec_capture.cli import main
+from ipsec_capture.decrypt.cli import point_namer
+from ipsec_capture.decrypt.decoder import EspDecoder
+from ipsec_capture.decrypt.parallel import decrypt_parallel
+from ipsec_capture.decrypt.pipeline import DecryptSummary, decrypt_to_writer
 from ipsec_capture.models import Record
+from ipsec_capture.xfrm.sa import SA, Replay
 from tests.conftest import require_tool
-from tests.test_decrypt_cli import scenario
-from tests.test_esp_build import SUITES, Keys, make_sa, outer, seal
+from tests.support.bundles import scenario
+from tests.support.esp_build import SUITES, Keys, make_sa, outer, seal
 
 A4, B4, A6, B6 = "192.0.2.1", "192.0.2.2", "2001:db8::1", "2001:db8::2"
 T0 = 1_700_000_000_000_000_000
@@ -146,9 +146,8 @@ def test_sigterm_stops_the_workers_and_leaves_out_as_it_was(tmp_path: Path) -> N
     import signal
     import sys
 
-    from ipsec_capture.xfrm.esp_sa import write_esp_sa
-
     from bench.decrypt import build
+    from ipsec_capture.xfrm.esp_sa import write_esp_sa
 
     pcap, keys, out = tmp_path / "big.pcap", tmp_path / "big.esp_sa", tmp_path / "out.pcapng"
     keys.write_text(write_esp_sa([build(pcap, "gcm", 200_000, 120)], 8))

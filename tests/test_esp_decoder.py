@@ -8,13 +8,13 @@ import os
 import struct
 
 import pytest
-from ipsec_capture.xfrm.esp import HEADROOM, ROOM, DecryptResult, EspDecoder, esp_header
-from ipsec_capture.xfrm.sa import SA, Algorithm, Replay
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt
 from scapy.packet import Raw
 
-from tests.test_esp_build import SCAPY_NAMES, SUITES, Keys, make_sa, outer, scapy_sa, seal
+from ipsec_capture.decrypt.decoder import HEADROOM, ROOM, DecryptResult, EspDecoder, esp_header
+from ipsec_capture.xfrm.sa import SA, Algorithm, Replay
+from tests.support.esp_build import SCAPY_NAMES, SUITES, Keys, make_sa, outer, scapy_sa, seal
 
 V4 = ("192.0.2.1", "192.0.2.2")
 V6 = ("2001:db8::1", "2001:db8::2")
@@ -276,8 +276,8 @@ def test_result_is_a_slots_dataclass() -> None:
 def test_key_file_sas_decide_tunnel_or_transport_per_packet() -> None:
     """An esp_sa table says nothing of the mode: an inner IP packet means tunnel (the inner packet
     alone comes out, as the kernel delivers it), anything else transport (outer header rebuilt)."""
-    from ipsec_capture.correlate.synthetic import esp4, gcm_sa, udp4
     from ipsec_capture.xfrm.esp_sa import read_esp_sa, write_esp_sa
+    from tests.support.synthetic import esp4, gcm_sa, udp4
 
     key = os.urandom(20)
     sas = read_esp_sa(write_esp_sa([gcm_sa(0x1234, "192.0.2.1", "192.0.2.2", key)], 8))
@@ -287,7 +287,8 @@ def test_key_file_sas_decide_tunnel_or_transport_per_packet() -> None:
     assert res.status == "ok" and res.inner == inner
 
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-    from ipsec_capture.correlate.synthetic import ip4
+
+    from tests.support.synthetic import ip4
 
     udp = bytes(udp4("192.0.2.1", "192.0.2.2", 5, b"transported")[20:])
     pad = -(len(udp) + 2) % 4

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ipsec_capture.xfrm.esp import STATUSES, EspDecoder, esp_header
 
-from tests.test_esp_build import SUITES, Keys, make_sa, outer, seal
+from ipsec_capture.decrypt.decoder import STATUSES, EspDecoder, esp_header
+from tests.support.esp_build import SUITES, Keys, make_sa, outer, seal
 
 SPI = 0x01020304
 _KEYS = [Keys.random(s) for s in SUITES]

@@ -6,51 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
-from ipsec_capture.bpf.eventlog import EventLogWriter, make_header
-from ipsec_capture.capture.pcapng import PcapngWriter
-from ipsec_capture.correlate.synthetic import Host, esp4, gcm_sa, udp4
-from ipsec_capture.xfrm.esp_sa import write_esp_sa
 
 from ipsec_capture.cli import main
-
-A, B = "192.0.2.1", "192.0.2.2"
-IA, IB = "10.1.0.1", "10.2.0.1"
-MS = 1_000_000
-T0 = 1_700_000_000 * 1_000_000_000
-SPI, SPI_BACK = 0xC0FFEE01, 0xC0FFEE02
-KEY = bytes(range(20))
-
-
-def write_bundle(stem: Path, host: Host, sas=(), header_sources=None) -> Path:
-    records, events = host.sorted()
-    cap = stem.with_suffix(".pcapng")
-    with PcapngWriter(cap, ifname=lambda i: f"if{i}") as w:
-        for r in records:
-            w.write(r)
-    with EventLogWriter(f"{stem}.events.jsonl", make_header(sources=header_sources or [])) as ev:
-        for e in events:
-            ev.write(e)
-    if sas:
-        Path(f"{stem}.esp_sa").write_text(write_esp_sa(list(sas)))
-    return cap
-
-
-def no_state_host() -> Host:
-    """Receiver B: 5 packets decapsulated, SA deleted, 3 more dropped, XfrmInNoStates +3."""
-    h = Host()
-    h.sa_snapshot(T0 - 1000, SPI, A, B)
-    for seq in range(1, 9):
-        t = T0 + seq * 100 * MS
-        inner = udp4(IA, IB, seq, b"x" * 40)
-        h.esp_in(t, esp4(A, B, SPI, seq, inner, KEY, ident=seq))
-        if seq <= 5:
-            h.clear(t + 20_000, "mangle-pre-in", inner)
-    h.sa_change(T0 + 550 * MS, "sa-delete", SPI, A, B)
-    h.counter(T0 + 1000 * MS, "XfrmInNoStates", 3, 3)
-    return h
+from tests.support.bundles import IA, IB, KEY, MS, SPI, T0, A, B, no_state_host, write_bundle
+from tests.support.synthetic import Host, esp4, gcm_sa, udp4
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -14,7 +14,7 @@ import pytest
 
 from ipsec_capture.cli import main
 from tests.conftest import require_tool
-from tests.test_report_cli import no_state_host, write_bundle
+from tests.support.bundles import no_state_host, write_bundle
 
 
 def png_pixels(data: bytes) -> tuple[int, int, set[bytes]]:

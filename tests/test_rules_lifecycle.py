@@ -8,11 +8,11 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+
+from ipsec_capture.errors import UserError
 from ipsec_capture.rules import manager
 from ipsec_capture.rules.manager import RuleSet, build, install, list_installed, remove
 from ipsec_capture.rules.points import POINTS
-
-from ipsec_capture.errors import UserError
 from tests.conftest import IS_ROOT, require_tool
 from tests.netlab import netfilter_state, sh, single_netns
 

@@ -10,12 +10,12 @@ import time
 from collections.abc import Iterator
 
 import pytest
+
+from ipsec_capture.errors import UserError
 from ipsec_capture.rules import iptables, nft
 from ipsec_capture.rules.manager import build
 from ipsec_capture.rules.owner import Tag, parse_tag, pid_alive
 from ipsec_capture.rules.points import POINTS, parse_points
-
-from ipsec_capture.errors import UserError
 from tests.conftest import IS_ROOT, require_tool, requires_root
 from tests.netlab import sh, single_netns
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import sys
 
 import pytest
+
 from ipsec_capture.rules.manager import build, counters, install, remove
 from ipsec_capture.rules.points import POINTS
-
 from tests.conftest import require_tool
 from tests.netlab import NetnsPair, netfilter_state
 

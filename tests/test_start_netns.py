@@ -17,10 +17,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from ipsec_capture.capture.nflog import NflogReader
-from ipsec_capture.capture.pcapread import read_records
 from scapy.layers.ipsec import ESP
 
+from ipsec_capture.capture.nflog import NflogReader
+from ipsec_capture.capture.pcapread import read_records
 from tests.conftest import require_tool
 from tests.netlab import NetnsPair, netfilter_state
 

@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from ipsec_capture.xfrm.esp_sa import read_esp_sa, warnings_for, wireshark_columns, write_esp_sa
-from ipsec_capture.xfrm.sa import SA, Algorithm, Replay
 
 from ipsec_capture.errors import UserError
+from ipsec_capture.xfrm.esp_sa import read_esp_sa, warnings_for, wireshark_columns, write_esp_sa
+from ipsec_capture.xfrm.sa import SA, Algorithm, Replay
 
 DATA = Path(__file__).parent / "data"
 

@@ -15,10 +15,10 @@ import pytest
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from ipsec_capture.xfrm.esp_sa import install_profile, write_esp_sa
 from ipsec_capture.xfrm.sa import SA, Algorithm, Encap
 from ipsec_capture.xfrm.verify import verify_capture
-
 from tests.conftest import require_tool
 
 SRC, DST = "192.0.2.1", "192.0.2.2"

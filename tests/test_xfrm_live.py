@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+
 from ipsec_capture.xfrm.keeper import KeyFileKeeper
 from ipsec_capture.xfrm.monitor import XfrmMonitor
 from ipsec_capture.xfrm.netlink import dump_policies, dump_states

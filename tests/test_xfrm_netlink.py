@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from ipsec_capture.xfrm import netlink as nl
 from ipsec_capture.xfrm.sa import SA, Algorithm, Encap, Replay, Selector
 from ipsec_capture.xfrm.text import parse_states

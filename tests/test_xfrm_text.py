@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from ipsec_capture.errors import UserError
 from ipsec_capture.xfrm.esp_sa import read_esp_sa
 from ipsec_capture.xfrm.keyfile import load_sas
 from ipsec_capture.xfrm.text import parse_policies, parse_states
-
-from ipsec_capture.errors import UserError
 
 DATA = Path(__file__).parent / "data"
 

@@ -8,7 +8,9 @@ import shlex
 import sys
 from typing import Any
 
-from ipsec_capture.xfrm.esp_sa import (
+from ipsec_capture.errors import UserError, require_root
+
+from .esp_sa import (
     columns_for,
     install_profile,
     tshark_args,
@@ -16,10 +18,8 @@ from ipsec_capture.xfrm.esp_sa import (
     write_esp_sa,
     write_private,
 )
-from ipsec_capture.xfrm.keyfile import load_sas
-from ipsec_capture.xfrm.sa import SA, Policy
-
-from ipsec_capture.errors import UserError, require_root
+from .keyfile import load_sas
+from .sa import SA, Policy
 
 PROTO_NAMES = {50: "esp", 51: "ah", 108: "comp"}
 
@@ -70,7 +70,7 @@ def _sas(args: argparse.Namespace) -> list[SA]:
     if args.from_text:
         return load_sas(args.from_text)
     require_root("reading SAs with keys from the kernel")
-    from ipsec_capture.xfrm.netlink import dump_states
+    from .netlink import dump_states
 
     return dump_states(args.netns)
 
@@ -95,7 +95,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if args.tshark_args:
         print(" ".join(shlex.quote(a) for a in tshark_args(esp, columns, args.wildcard)))
     if args.verify:
-        from ipsec_capture.xfrm.verify import format_results, verify_capture
+        from .verify import format_results, verify_capture
 
         results = verify_capture(args.verify, esp, columns)
         print(format_results(results))
@@ -165,7 +165,7 @@ def cmd_sa(args: argparse.Namespace) -> int:
     sas = _sas(args)
     policies: list[Policy] = []
     if not args.from_text and not args.no_policies:
-        from ipsec_capture.xfrm.netlink import dump_policies
+        from .netlink import dump_policies
 
         policies = dump_policies(args.netns)
     if args.json:

@@ -22,10 +22,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ipsec_capture.xfrm.netlink import AF_INET, AF_INET6
-from ipsec_capture.xfrm.sa import ESN_UNKNOWN, IPPROTO_ESP, MODE_UNKNOWN, SA, Algorithm, Replay
-
 from ipsec_capture.errors import UserError
+
+from .netlink import AF_INET, AF_INET6
+from .sa import ESN_UNKNOWN, IPPROTO_ESP, MODE_UNKNOWN, SA, Algorithm, Replay
 
 GCM = "rfc4106(gcm(aes))"
 # Linux cipher -> Wireshark encryption name (packet-ipsec.c value strings)

@@ -14,10 +14,10 @@ import sys
 import threading
 from typing import Any
 
-from ipsec_capture.xfrm.esp_sa import columns_for, warnings_for, write_esp_sa, write_private
-from ipsec_capture.xfrm.monitor import XfrmMonitor
-from ipsec_capture.xfrm.netlink import dump_states
-from ipsec_capture.xfrm.sa import SA
+from .esp_sa import columns_for, warnings_for, write_esp_sa, write_private
+from .monitor import XfrmMonitor
+from .netlink import dump_states
+from .sa import SA
 
 
 class KeyFileKeeper:

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import os
 
-from ipsec_capture.xfrm.esp_sa import looks_like_esp_sa, read_esp_sa
-from ipsec_capture.xfrm.sa import SA
-from ipsec_capture.xfrm.text import looks_like_states, parse_states
-
 from ipsec_capture.errors import UserError
+
+from .esp_sa import looks_like_esp_sa, read_esp_sa
+from .sa import SA
+from .text import looks_like_states, parse_states
 
 
 def parse_keys(text: str, name: str = "keys") -> list[SA]:

@@ -22,11 +22,11 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ipsec_capture.xfrm import netlink as nl
-from ipsec_capture.xfrm.sa import SA, Policy
-
 from ipsec_capture.models import Event
 from ipsec_capture.netns import netns_inode
+
+from . import netlink as nl
+from .sa import SA, Policy
 
 # <linux/xfrm.h> enum xfrm_nlgroups
 XFRMNLGRP_ACQUIRE = 1

@@ -22,7 +22,10 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
-from ipsec_capture.xfrm.sa import (
+from ipsec_capture.errors import UserError
+from ipsec_capture.netns import entered
+
+from .sa import (
     MODES,
     SA,
     STATE_FLAGS,
@@ -33,9 +36,6 @@ from ipsec_capture.xfrm.sa import (
     Selector,
     Template,
 )
-
-from ipsec_capture.errors import UserError
-from ipsec_capture.netns import entered
 
 NETLINK_XFRM = 6  # <linux/netlink.h>
 AF_INET = 2  # <linux/socket.h>: plain ints, so models compare and serialise as numbers

@@ -18,14 +18,16 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from ipsec_capture.xfrm.netlink import (
+from ipsec_capture.errors import UserError
+
+from .netlink import (
     AF_INET,
     AF_INET6,
     EXTRA_FLAGS,
     LIFETIME_CFG_KEYS,
     XFRM_INF,
 )
-from ipsec_capture.xfrm.sa import (
+from .sa import (
     IPPROTO_AH,
     IPPROTO_COMP,
     IPPROTO_ESP,
@@ -37,8 +39,6 @@ from ipsec_capture.xfrm.sa import (
     Selector,
     Template,
 )
-
-from ipsec_capture.errors import UserError
 
 # iproute2's XFRM-PROTO names (ip/ipxfrm.c xfrmproto_types)
 XFRM_PROTOS = {"esp": IPPROTO_ESP, "ah": IPPROTO_AH, "comp": IPPROTO_COMP, "route2": 43, "hao": 60,

@@ -13,10 +13,10 @@ import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ipsec_capture.xfrm.esp_sa import tshark_args
-from ipsec_capture.xfrm.sa import SA
-
 from ipsec_capture.errors import UserError
+
+from .esp_sa import tshark_args
+from .sa import SA
 
 
 @dataclass(slots=True)

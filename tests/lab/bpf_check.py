@@ -24,7 +24,6 @@ import time
 from ipsec_capture.bpf.eventlog import EventLogWriter, clock_offsets, make_header, read_events
 from ipsec_capture.bpf.kprobes import KprobeSource
 from ipsec_capture.bpf.xfrm_stat import XfrmStatReader
-
 from ipsec_capture.models import EncodedEvent, Event
 from ipsec_capture.netns import netns_inode
 

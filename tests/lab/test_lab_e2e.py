@@ -19,12 +19,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from ipsec_capture.capture.pcapread import read_records
-from ipsec_capture.xfrm.esp_sa import wireshark_columns
 
+from ipsec_capture.capture.pcapread import read_records
 from ipsec_capture.lab.faults import FAULTS
 from ipsec_capture.lab.scenarios import SCENARIOS
 from ipsec_capture.lab.vm import LabVM
+from ipsec_capture.xfrm.esp_sa import wireshark_columns
 from tests.lab.capture_run import BACKENDS, COUNT, FAULT_FOR
 
 # the kernel half (the lab_run fixture) takes ~10 min under TCG, counted in the first test's timeout

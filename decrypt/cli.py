@@ -13,12 +13,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ipsec_capture.capture.pcapng import PcapngWriter
-from ipsec_capture.xfrm.decrypt import DecryptSummary, decrypt_to_writer
-from ipsec_capture.xfrm.esp import EspDecoder
-
 from ipsec_capture.bundle import Bundle
+from ipsec_capture.capture.pcapng import PcapngWriter
 from ipsec_capture.errors import UserError
+
+from .decoder import EspDecoder
+from .pipeline import DecryptSummary, decrypt_to_writer
 
 PROGRESS_EVERY = 50_000  # packets between progress lines on stderr
 
@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     if not sas:
         raise UserError("the key file holds no SAs: nothing could be decrypted")
     from ipsec_capture.capture.pcapread import read_records
-    from ipsec_capture.xfrm.decrypt_parallel import auto_jobs, decrypt_parallel
+
+    from .parallel import auto_jobs, decrypt_parallel
     if args.jobs < 0:
         raise UserError(f"--jobs {args.jobs}: give a number of processes, or 0 for automatic")
     decoder = EspDecoder(sas)

@@ -17,9 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ipsec_capture.errors import UserError
-from ipsec_capture.lab import traffic
-from ipsec_capture.lab.scenarios import DEV, NATT_PORT, LabState, ip_batch, run, sa_line, xfrm_stat
 from ipsec_capture.netns import entered
+
+from . import traffic
+from .scenarios import DEV, NATT_PORT, LabState, ip_batch, run, sa_line, xfrm_stat
 
 ETH_P_ALL = 0x0003  # <linux/if_ether.h>
 ETH_P_IP = 0x0800

@@ -96,7 +96,7 @@ def tshark_lines(pcapng: Path, esp_sa: Path, count: int = 12) -> str:
 
 def run_here(out: Path, scenario: str, kernel_events: str) -> int:
     """The demo on this kernel (which must do ESP)."""
-    from ipsec_capture.lab import faults, scenarios, traffic
+    from . import faults, scenarios, traffic
 
     out.mkdir(parents=True, exist_ok=True)
     pcapng = out / "capture.pcapng"
@@ -135,8 +135,8 @@ def run_here(out: Path, scenario: str, kernel_events: str) -> int:
 
 
 def run_in_vm(out: Path, scenario: str, kernel_events: str) -> int:
-    from ipsec_capture.lab.scenarios import esp_supported
-    from ipsec_capture.lab.vm import LabVM
+    from .scenarios import esp_supported
+    from .vm import LabVM
 
     _, why = esp_supported()
     say(f"this kernel ({os.uname().release}) cannot do ESP ({why}); "
@@ -159,7 +159,7 @@ def run_in_vm(out: Path, scenario: str, kernel_events: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ipsec_capture.lab.scenarios import SCENARIOS, esp_supported
+    from .scenarios import SCENARIOS, esp_supported
 
     parser = argparse.ArgumentParser(
         prog="python -m ipsec_capture.lab.demo",

@@ -32,11 +32,11 @@ from pathlib import Path
 
 from ipsec_capture.capture.pcapng import PcapngWriter
 from ipsec_capture.capture.pcapread import Share, read_records
-from ipsec_capture.xfrm.decrypt import DecryptSummary, decrypt_to_writer
-from ipsec_capture.xfrm.esp import EspDecoder
-
 from ipsec_capture.errors import UserError
 from ipsec_capture.models import Record
+
+from .decoder import EspDecoder
+from .pipeline import DecryptSummary, decrypt_to_writer
 
 BLOCK = 4096  # packets per block: a few hundred messages per million packets
 MAX_PENDING = 3  # built blocks a worker holds while it waits for their offsets

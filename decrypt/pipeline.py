@@ -15,7 +15,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from ipsec_capture.xfrm.esp import (
+from ipsec_capture.models import Record
+from ipsec_capture.xfrm.sa import MODE_UNKNOWN
+
+from .decoder import (
     IP4_ESP,
     NO_SA,
     NOT_ESP,
@@ -28,10 +31,7 @@ from ipsec_capture.xfrm.esp import (
     Lane,
     esp_header,
 )
-from ipsec_capture.xfrm.esp_header import IPPROTO_ESP
-from ipsec_capture.xfrm.sa import MODE_UNKNOWN
-
-from ipsec_capture.models import Record
+from .esp_header import IPPROTO_ESP
 
 if TYPE_CHECKING:
     from ipsec_capture.capture.pcapng import PcapngWriter

@@ -12,8 +12,9 @@ import socket
 import subprocess
 from dataclasses import dataclass
 
-from ipsec_capture.lab.scenarios import LabState
 from ipsec_capture.netns import entered
+
+from .scenarios import LabState
 
 UDP_PORT = 5555
 _PING_RE = re.compile(r"(\d+) packets transmitted, (\d+) (?:packets )?received")

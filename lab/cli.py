@@ -12,8 +12,8 @@ from ipsec_capture.errors import UserError, require_root
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ipsec_capture.lab.faults import FAULTS
-    from ipsec_capture.lab.scenarios import SCENARIOS
+    from .faults import FAULTS
+    from .scenarios import SCENARIOS
 
     lab = sub.add_parser(
         "lab", help="build IPsec scenarios in network namespaces (or a VM) to try ipsec-capture on",
@@ -69,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from ipsec_capture.lab import scenarios
+    from . import scenarios
 
     require_root("lab up")
     state = scenarios.up(args.scenario, args.prefix)
@@ -82,8 +82,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_traffic(args: argparse.Namespace) -> int:
-    from ipsec_capture.lab import traffic
-    from ipsec_capture.lab.scenarios import LabState
+    from . import traffic
+    from .scenarios import LabState
 
     require_root("lab traffic")
     if args.count < 1:
@@ -96,7 +96,7 @@ def cmd_traffic(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from ipsec_capture.lab import scenarios
+    from . import scenarios
 
     require_root("lab down")
     removed = scenarios.teardown(args.prefix)
@@ -105,7 +105,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ipsec_capture.lab import scenarios
+    from . import scenarios
 
     require_root("lab status")
     state = scenarios.LabState.load(args.prefix)
@@ -124,8 +124,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_fault(args: argparse.Namespace) -> int:
-    from ipsec_capture.lab.faults import inject
-    from ipsec_capture.lab.scenarios import LabState
+    from .faults import inject
+    from .scenarios import LabState
 
     require_root("lab fault")
     result = inject(LabState.load(args.prefix), args.fault)
@@ -137,7 +137,7 @@ def cmd_fault(args: argparse.Namespace) -> int:
 
 
 def cmd_vm(args: argparse.Namespace) -> int:
-    from ipsec_capture.lab.vm import LabVM
+    from .vm import LabVM
 
     require_root("lab vm")
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv

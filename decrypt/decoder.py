@@ -17,8 +17,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
-from ipsec_capture.xfrm.esp_crypto import Transform, UnsupportedSA, transform_for
-from ipsec_capture.xfrm.esp_header import (
+
+from ipsec_capture.xfrm.sa import ESN_UNKNOWN, MODE_UNKNOWN, SA
+
+from .esp_header import (
     IPPROTO_ESP,
     IPPROTO_IPIP,
     IPPROTO_IPV6,
@@ -27,7 +29,7 @@ from ipsec_capture.xfrm.esp_header import (
     esp_header,
     locate,
 )
-from ipsec_capture.xfrm.sa import ESN_UNKNOWN, MODE_UNKNOWN, SA
+from .transforms import Transform, UnsupportedSA, transform_for
 
 __all__ = ["DecryptResult", "EspDecoder", "EspHeader", "esp_header"]
 

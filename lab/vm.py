@@ -227,7 +227,7 @@ def venv_bin() -> str | None:
 
 
 def project_root() -> Path:
-    return Path(__file__).resolve().parents[2]
+    return Path(__file__).resolve().parents[1]
 
 
 def _pdeathsig() -> None:

@@ -1,1 +1,0 @@
-"""The IPsec lab: scenarios in network namespaces on any kernel that can do ESP."""
