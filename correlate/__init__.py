@@ -7,6 +7,6 @@ failure), `sahistory` (which SA existed when), `summary` (per-SA and per-cause t
 (two bundles joined by SPI and seq), `report_text` / `report_json` / `report_html` (the outputs),
 `api` (the Python API), `cli` (`ipsec-capture report`).
 Data path: pcapng -> Record, events log -> Event, key file -> SA; join -> verdicts -> report.
-May import: ipsec_capture, capture (readers), bpf (the events log), xfrm (SAs), decrypt (ESP
-location and decryption). Nothing imports it but the CLI.
+May import: ipsec_capture, capture (readers, ESP location), rules (the capture points' roles),
+bpf (the events log), xfrm (SAs), decrypt (decryption). Nothing imports it but the CLI.
 """

@@ -12,7 +12,7 @@ from .bundle import Inputs
 from .causes import CAUSES
 from .join import SECOND, Joiner
 from .packet import Packet
-from .summary import PacketFilter, Summary
+from .summary import ReportFilter, Summary
 
 SCHEMA = "ipsec-capture-report"
 SCHEMA_VERSION = 1
@@ -62,7 +62,7 @@ class Analysis:
         }
 
 
-def analyse(inputs: Inputs, packet_filter: PacketFilter | None = None, packet_limit: int = 1000,
+def analyse(inputs: Inputs, packet_filter: ReportFilter | None = None, packet_limit: int = 1000,
             window_ns: int = 3 * SECOND) -> Analysis:
     """Join and summarise the whole bundle in one streaming pass."""
     joiner, packets = joined(inputs, window_ns)

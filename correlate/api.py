@@ -17,14 +17,14 @@ from collections.abc import Iterator
 from typing import Any
 
 from ipsec_capture.errors import UserError
+from ipsec_capture.wire import SECOND
 
 from .analysis import Analysis, analyse, joined
 from .bundle import Inputs, open_bundle
 from .packet import Packet
 from .peer import join_peers
-from .summary import PacketFilter
+from .summary import ReportFilter
 
-SECOND = 1_000_000_000
 TABLES = ("sa", "packets", "drops", "incidents", "sa_history", "timeline")
 
 
@@ -48,7 +48,7 @@ class LoadedBundle:
     def analysis(self) -> Analysis:
         """The full analysis (every packet listed), computed once."""
         if self._analysis is None:
-            self._analysis = analyse(self.inputs, PacketFilter(), packet_limit=0, window_ns=self.window_ns)
+            self._analysis = analyse(self.inputs, ReportFilter(), packet_limit=0, window_ns=self.window_ns)
         return self._analysis
 
     def report(self) -> dict[str, Any]:

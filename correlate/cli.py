@@ -8,8 +8,9 @@ import sys
 
 from ipsec_capture.errors import UserError
 
+from .packet import VERDICTS
+
 FORMATS = ("text", "json", "html")
-VERDICTS = ("ok", "failed", "unknown")
 
 
 def _spi(text: str) -> int:
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from .analysis import analyse
     from .api import LoadedBundle
     from .bundle import open_bundle
-    from .summary import PacketFilter
+    from .summary import ReportFilter
 
     if args.limit < 0:
         raise UserError("--limit must be 0 (all) or more")
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     events = _per_capture(args.events, len(args.captures), "events")
     keys = _per_capture(args.keys, len(args.captures), "keys")
     window_ns = int(args.window * 1e9)
-    flt = PacketFilter(args.spi, args.verdict, args.cause, args.direction)
+    flt = ReportFilter(args.spi, args.verdict, args.cause, args.direction)
     inputs = [open_bundle(c, e, k) for c, e, k in zip(args.captures, events, keys, strict=True)]
     reports = [analyse(i, flt, args.limit, window_ns).to_dict() for i in inputs]
     peers = []

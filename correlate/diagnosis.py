@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ipsec_capture.rules.points import CLEAR
+
 from .causes import (
     ANCHOR_CAUSES,
     EINPROGRESS,
@@ -18,7 +20,12 @@ from .causes import (
     cause_for_ret,
     drop_reason_named,
 )
-from .packet import CLEAR, FAILED, OK, UNKNOWN, Packet
+from .packet import (
+    FAILED,
+    OK,
+    UNKNOWN,
+    Packet,
+)
 from .sahistory import SaHistory
 
 

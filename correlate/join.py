@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
-from ipsec_capture.decrypt.esp_header import IPPROTO_ESP, locate
+from ipsec_capture.capture.esp_header import locate
 from ipsec_capture.models import Event, Record
+from ipsec_capture.rules.points import CLEAR, ESP
+from ipsec_capture.wire import IPPROTO_ESP, SECOND
 
 from .causes import (
     ANCHOR_CAUSES,
@@ -36,8 +38,6 @@ from .causes import (
 )
 from .diagnosis import PROBE_ACCEPTED, Context, diagnose, fmt_time
 from .packet import (
-    CLEAR,
-    ESP,
     IKE_POINTS,
     LATER,
     OK,
@@ -58,7 +58,6 @@ _IP4_MF_OR_OFFSET = 0x3FFF  # More Fragments bit plus the 13-bit fragment offset
 _IP4_ESP = struct.Struct("!B5xHxB10xII")
 _PROBE_KINDS = frozenset({"xfrm_input", "xfrm_output"})  # the probes the run loop attaches itself
 _ESP_POINTS = {point: direction for point, (direction, kind) in POINT_ROLES.items() if kind == ESP}
-SECOND = 1_000_000_000
 DROP_AFTER_PROBE_NS = SECOND // 2  # xfrm_input's drop follows its probe within microseconds (ms under TCG)
 
 

@@ -12,24 +12,19 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ipsec_capture.models import Event, Record
+from ipsec_capture.rules.points import IKE, POINTS
 
 from .sahistory import SaLife
 
 OK, FAILED, UNKNOWN = "ok", "failed", "unknown"
 VERDICTS = (OK, FAILED, UNKNOWN)
-ESP, CLEAR = "esp", "clear"
 
-# capture point (rules/points.py names) -> (direction, kind)
+# capture point -> (direction, kind) for the points whose packets the join judges (ESP) or matches
+# to them (CLEAR); IKE points are shown, never judged. rules/points.py defines the points.
 POINT_ROLES: dict[str, tuple[str, str]] = {
-    "raw-pre-esp": ("in", ESP),
-    "raw-out-esp": ("out", ESP),
-    "mangle-pre-in": ("in", CLEAR),
-    "filter-in": ("in", CLEAR),
-    "filter-fwd": ("in", CLEAR),
-    "mangle-post-out": ("out", CLEAR),
-    "filter-out": ("out", CLEAR),
+    name: (p.direction, p.kind) for name, p in POINTS.items() if p.kind != IKE
 }
-IKE_POINTS = frozenset({"raw-pre-ike", "raw-out-ike"})
+IKE_POINTS = frozenset(name for name, p in POINTS.items() if p.kind == IKE)
 _INBOUND_HOOKS = frozenset({0, 1, 2})  # <linux/netfilter.h> NF_INET_PRE_ROUTING, LOCAL_IN, FORWARD
 
 

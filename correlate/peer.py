@@ -13,9 +13,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .packet import ESP, FAILED, OK, Packet
+from ipsec_capture.rules.points import ESP
+from ipsec_capture.wire import SECOND
 
-SECOND = 1_000_000_000
+from .packet import FAILED, OK, Packet
 
 
 @dataclass(slots=True)

@@ -10,16 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ipsec_capture.wire import SECOND
+
 from .causes import CAUSES
 from .diagnosis import fmt_time
 from .join import Joiner
 from .packet import FAILED, OK, UNKNOWN, Packet
 
-SECOND = 1_000_000_000
-
 
 @dataclass(slots=True)
-class PacketFilter:
+class ReportFilter:
     """Which packets the per-packet list shows (`report --spi/--verdict/--cause/--direction`)."""
 
     spi: int | None = None
@@ -88,9 +88,9 @@ class DropGroup:
 class Summary:
     """Add Packets as they come (`add`), then `finish(joiner)` once the join is exhausted."""
 
-    def __init__(self, packet_filter: PacketFilter | None = None, packet_limit: int = 1000,
+    def __init__(self, packet_filter: ReportFilter | None = None, packet_limit: int = 1000,
                  bucket_ns: int = SECOND // 100, max_buckets: int = 1000) -> None:
-        self.filter = packet_filter or PacketFilter()
+        self.filter = packet_filter or ReportFilter()
         self.packet_limit = packet_limit
         self.bucket_ns = bucket_ns
         self.max_buckets = max_buckets
@@ -111,14 +111,14 @@ class Summary:
         self._room = True
 
     @property
-    def filter(self) -> PacketFilter:
+    def filter(self) -> ReportFilter:
         return self._filter
 
     @filter.setter
-    def filter(self, packet_filter: PacketFilter) -> None:
+    def filter(self, packet_filter: ReportFilter) -> None:
         self._filter = packet_filter
         # the default filter passes everything: add() then calls nothing per packet
-        self._everything = type(packet_filter) is PacketFilter and packet_filter == PacketFilter()
+        self._everything = type(packet_filter) is ReportFilter and packet_filter == ReportFilter()
 
     @property
     def totals(self) -> dict[str, int]:

@@ -4,8 +4,8 @@ Entry points: `decoder.EspDecoder` (one packet: `decrypt()` / `decrypt_into()`, 
 icv-fail, no-sa, bad-padding, truncated, unsupported), `pipeline.decrypt_records` /
 `decrypt_to_writer` (a stream of Records, counted per SA), `parallel.decrypt_parallel` (the
 same on several cores, byte for byte), `cli` (`ipsec-capture decrypt`).
-Data path: pcap/pcapng -> Record -> `esp_header.locate` (SPI, seq, offsets) -> the SA's
+Data path: pcap/pcapng -> Record -> `capture.esp_header.locate` (SPI, seq, offsets) -> the SA's
 transform (`transforms`, on `cryptography`) -> inner packet -> pcapng with a comment per packet.
-May import: ipsec_capture (models, errors, bundle), xfrm (the SA model and key files), capture
-(the pcap/pcapng reader and writer). Nothing imports it but correlate and the CLI.
+May import: ipsec_capture (models, errors, bundle, wire), xfrm (the SA model and key files), capture
+(the pcap/pcapng reader and writer, ESP location). Nothing imports it but correlate and the CLI.
 """

@@ -18,17 +18,10 @@ from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
 
+from ipsec_capture.capture.esp_header import EspHeader, esp_header, locate
+from ipsec_capture.wire import IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_NONE
 from ipsec_capture.xfrm.sa import ESN_UNKNOWN, MODE_UNKNOWN, SA
 
-from .esp_header import (
-    IPPROTO_ESP,
-    IPPROTO_IPIP,
-    IPPROTO_IPV6,
-    IPPROTO_NONE,
-    EspHeader,
-    esp_header,
-    locate,
-)
 from .transforms import Transform, UnsupportedSA, transform_for
 
 __all__ = ["DecryptResult", "EspDecoder", "EspHeader", "esp_header"]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ipsec_capture.models import Record
+from ipsec_capture.wire import IPPROTO_ESP
 from ipsec_capture.xfrm.sa import MODE_UNKNOWN
 
 from .decoder import (
@@ -31,7 +32,6 @@ from .decoder import (
     Lane,
     esp_header,
 )
-from .esp_header import IPPROTO_ESP
 
 if TYPE_CHECKING:
     from ipsec_capture.capture.pcapng import PcapngWriter

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 
 from ipsec_capture.errors import UserError
 from ipsec_capture.netns import entered
+from ipsec_capture.wire import IPPROTO_ESP, NATT_PORT
 
 from . import traffic
-from .scenarios import DEV, NATT_PORT, LabState, ip_batch, run, sa_line, xfrm_stat
+from .scenarios import DEV, LabState, ip_batch, run, sa_line, xfrm_stat
 
 ETH_P_ALL = 0x0003  # <linux/if_ether.h>
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
-IPPROTO_ESP = 50
 PACKET_OUTGOING = 4  # <linux/if_packet.h>
 IP_DF = 0x4000
 MTU_SMALL = 1200

@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ipsec_capture.errors import UserError
+from ipsec_capture.wire import NATT_PORT
 
 STATE_DIR = Path("/run/ipsec-capture-lab")
 DEV = "lab0"  # the veth end's name inside each namespace
 REPLAY_WINDOW = 32  # what strongSwan installs by default
 ESN_REPLAY_WINDOW = 128
-NATT_PORT = 4500
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,11 +16,11 @@ import struct
 import sys
 
 from ipsec_capture.netns import entered
+from ipsec_capture.wire import NATT_PORT
 
 SOL_UDP = 17  # <linux/socket.h> (IPPROTO_UDP)
 UDP_ENCAP = 100  # <linux/udp.h>
 UDP_ENCAP_ESPINUDP = 2  # <linux/udp.h>
-NATT_PORT = 4500
 IP_XFRM_POLICY = 17  # <linux/in.h>
 IPV6_XFRM_POLICY = 35  # <linux/in6.h>
 XFRM_POLICY_IN = 0  # <linux/xfrm.h>

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 from ipsec_capture.errors import UserError
 
+# What a point sees: ciphertext (ESP/AH), IKE and NAT-T, or cleartext under an IPsec policy.
+ESP, IKE, CLEAR = "esp", "ike", "clear"
+
 
 @dataclass(frozen=True, slots=True)
 class Point:
@@ -19,6 +22,8 @@ class Point:
     table: str  # raw | mangle | filter
     chain: str  # PREROUTING | OUTPUT | POSTROUTING | INPUT | FORWARD
     description: str
+    direction: str  # "in" (arriving, decapsulated) | "out" (leaving, to be encrypted)
+    kind: str  # ESP | IKE | CLEAR: how the join and the reports treat its packets
 
 
 def _points(*points: Point) -> dict[str, Point]:
@@ -27,18 +32,21 @@ def _points(*points: Point) -> dict[str, Point]:
 
 # Ordered from the wire inwards, then outwards: the order of pcapng interfaces and of status lines.
 POINTS: dict[str, Point] = _points(
-    Point("raw-pre-esp", "raw", "PREROUTING", "raw PREROUTING: ESP/AH arriving (ciphertext)"),
-    Point("raw-pre-ike", "raw", "PREROUTING", "raw PREROUTING: IKE and NAT-T, UDP 500/4500 arriving"),
-    Point("raw-out-esp", "raw", "OUTPUT", "raw OUTPUT: ESP/AH leaving (ciphertext)"),
-    Point("raw-out-ike", "raw", "OUTPUT", "raw OUTPUT: IKE and NAT-T, UDP 500/4500 leaving"),
+    Point("raw-pre-esp", "raw", "PREROUTING", "raw PREROUTING: ESP/AH arriving (ciphertext)", "in", ESP),
+    Point("raw-pre-ike", "raw", "PREROUTING", "raw PREROUTING: IKE and NAT-T, UDP 500/4500 arriving",
+          "in", IKE),
+    Point("raw-out-esp", "raw", "OUTPUT", "raw OUTPUT: ESP/AH leaving (ciphertext)", "out", ESP),
+    Point("raw-out-ike", "raw", "OUTPUT", "raw OUTPUT: IKE and NAT-T, UDP 500/4500 leaving", "out", IKE),
     Point("mangle-pre-in", "mangle", "PREROUTING",
-          "mangle PREROUTING: decapsulated cleartext (policy ipsec in)"),
+          "mangle PREROUTING: decapsulated cleartext (policy ipsec in)", "in", CLEAR),
     Point("mangle-post-out", "mangle", "POSTROUTING",
-          "mangle POSTROUTING: cleartext about to be encrypted (policy ipsec out)"),
-    Point("filter-in", "filter", "INPUT", "filter INPUT: decapsulated, delivered locally (policy ipsec in)"),
-    Point("filter-fwd", "filter", "FORWARD", "filter FORWARD: decapsulated, forwarded (policy ipsec in)"),
+          "mangle POSTROUTING: cleartext about to be encrypted (policy ipsec out)", "out", CLEAR),
+    Point("filter-in", "filter", "INPUT", "filter INPUT: decapsulated, delivered locally (policy ipsec in)",
+          "in", CLEAR),
+    Point("filter-fwd", "filter", "FORWARD", "filter FORWARD: decapsulated, forwarded (policy ipsec in)",
+          "in", CLEAR),
     Point("filter-out", "filter", "OUTPUT",
-          "filter OUTPUT: locally generated, to be encrypted (policy ipsec out)"),
+          "filter OUTPUT: locally generated, to be encrypted (policy ipsec out)", "out", CLEAR),
 )
 
 

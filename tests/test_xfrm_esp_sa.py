@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,10 +79,11 @@ def test_reader_rejects_wrong_columns_and_names():
 
 
 def test_wireshark_columns_matches_installed_tshark():
-    version = subprocess.run(["tshark", "--version"], capture_output=True, text=True).stdout
-    expected = 8 if " 4.0." in version.splitlines()[0] or " 3." in version.splitlines()[0] else None
-    if expected is None:
-        pytest.skip(f"not the Debian 12 tshark: {version.splitlines()[0]}")
+    """Wireshark 4.2 added the SN and ESN High Bits columns: 10 from 4.2 on, 8 before."""
+    first = subprocess.run(["tshark", "--version"], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"(\d+)\.(\d+)\.\d+", first.splitlines()[0])
+    assert found, first.splitlines()[0]
+    expected = 10 if (int(found[1]), int(found[2])) >= (4, 2) else 8
     assert wireshark_columns() == expected
 
 

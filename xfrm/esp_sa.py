@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ipsec_capture.errors import UserError
+from ipsec_capture.wire import IPPROTO_ESP
 
 from .netlink import AF_INET, AF_INET6
-from .sa import ESN_UNKNOWN, IPPROTO_ESP, MODE_UNKNOWN, SA, Algorithm, Replay
+from .sa import ESN_UNKNOWN, MODE_UNKNOWN, SA, Algorithm, Replay
 
 GCM = "rfc4106(gcm(aes))"
 # Linux cipher -> Wireshark encryption name (packet-ipsec.c value strings)

@@ -11,15 +11,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# <netinet/in.h>
-IPPROTO_ESP = 50
-IPPROTO_AH = 51
-IPPROTO_COMP = 108
+from ipsec_capture.wire import IPPROTO_ESP, NATT_PORT, XFRM_MODES
+
 # <linux/udp.h>
 UDP_ENCAP_ESPINUDP_NON_IKE = 1
 UDP_ENCAP_ESPINUDP = 2
-# <linux/xfrm.h> XFRM_MODE_*
-MODES = {0: "transport", 1: "tunnel", 2: "ro", 3: "in_trigger", 4: "beet"}
+MODES = XFRM_MODES
 MODE_UNKNOWN = ""  # a source that does not say (Wireshark's esp_sa table)
 ESN_UNKNOWN = "esn-unknown"  # in SA.flags: a source that cannot say (an 8-column esp_sa table)
 # <linux/xfrm.h> XFRM_STATE_* flags
@@ -59,8 +56,8 @@ class Encap:
     """UDP encapsulation (NAT-T): type 2 is ESP-in-UDP (RFC 3948)."""
 
     type: int = UDP_ENCAP_ESPINUDP
-    sport: int = 4500
-    dport: int = 4500
+    sport: int = NATT_PORT
+    dport: int = NATT_PORT
     oa: str | None = None
 
 

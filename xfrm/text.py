@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from ipsec_capture.errors import UserError
+from ipsec_capture.wire import IPPROTO_AH, IPPROTO_COMP, IPPROTO_ESP
 
 from .netlink import (
     AF_INET,
@@ -28,9 +29,6 @@ from .netlink import (
     XFRM_INF,
 )
 from .sa import (
-    IPPROTO_AH,
-    IPPROTO_COMP,
-    IPPROTO_ESP,
     SA,
     STATE_FLAGS,
     Algorithm,

@@ -1,7 +1,8 @@
 """Find the ESP header in an outer IP packet: IPv4 or IPv6 (walking extension headers), ESP as IP
 protocol 50 or inside UDP (NAT-T, RFC 3948).
 
-The decoder and the correlation code both need "which SPI and sequence number is this packet" for
+The one place that says where ESP is in a packet: the capture filters (--spi), the decoder and
+the correlation code all need "which SPI and sequence number is this packet" for
 every captured packet, so the parse is struct-only on memoryviews and allocates nothing until it
 has found ESP. `locate()` returns raw offsets for the hot path; `esp_header()` is the friendly
 form with address strings.
@@ -13,20 +14,17 @@ import socket
 import struct
 from dataclasses import dataclass
 
-# <netinet/in.h> IPPROTO_*
-IPPROTO_HOPOPTS = 0
-IPPROTO_IPIP = 4
-IPPROTO_UDP = 17
-IPPROTO_IPV6 = 41
-IPPROTO_ROUTING = 43
-IPPROTO_FRAGMENT = 44
-IPPROTO_ESP = 50
-IPPROTO_AH = 51
-IPPROTO_NONE = 59
-IPPROTO_DSTOPTS = 60
-# RFC 3948: the IKE/ESP port, and the 4-byte non-ESP marker that precedes IKE on it.
-NATT_PORT = 4500
-NON_ESP_MARKER = b"\x00\x00\x00\x00"
+from ipsec_capture.wire import (
+    IPPROTO_AH,
+    IPPROTO_DSTOPTS,
+    IPPROTO_ESP,
+    IPPROTO_FRAGMENT,
+    IPPROTO_HOPOPTS,
+    IPPROTO_ROUTING,
+    IPPROTO_UDP,
+    NATT_PORT,
+    NON_ESP_MARKER,
+)
 
 _U16 = struct.Struct("!H")
 _ESP = struct.Struct("!II")  # SPI, sequence number (RFC 4303 section 2)
