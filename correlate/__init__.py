@@ -5,7 +5,8 @@ Entry points: `bundle` (open a capture's pcapng, events log and key file as one 
 packets they explain), `diagnosis` and `causes` (a named cause with evidence and advice for each
 failure), `sahistory` (which SA existed when), `summary` (per-SA and per-cause totals), `peer`
 (two bundles joined by SPI and seq), `report_text` / `report_json` / `report_html` (the outputs),
-`api` (the Python API), `cli` (`ipsec-capture report`).
+`api` (the Python API; `scapy_view` hands a packet to scapy, an optional extra), `cli`
+(`ipsec-capture report`).
 Data path: pcapng -> Record, events log -> Event, key file -> SA; join -> verdicts -> report.
 May import: ipsec_capture, capture (readers, ESP location), rules (the capture points' roles),
 bpf (the events log), xfrm (SAs), decrypt (decryption). Nothing imports it but the CLI.

@@ -4,6 +4,7 @@
     b = load("out.pcapng")                 # finds out.events.jsonl and out.esp_sa beside it
     for p in b.packets():                  # streamed: correlate.packet.Packet
         print(p.spi, p.seq, p.verdict, p.cause, p.evidence)
+        p.scapy(b).inner.show()            # scapy objects, decrypted with the bundle's keys
     b.table("sa"); b.table("drops"); b.table("packets")
 
 Tables are lists of dicts, or pandas DataFrames when pandas is installed (`frame=False` forces
@@ -16,6 +17,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from ipsec_capture.decrypt.decoder import EspDecoder
 from ipsec_capture.errors import UserError
 from ipsec_capture.wire import SECOND
 
@@ -35,6 +37,14 @@ class LoadedBundle:
         self.inputs = inputs
         self.window_ns = int(window_s * SECOND)
         self._analysis: Analysis | None = None
+        self._decoder: EspDecoder | None = None
+
+    @property
+    def decoder(self) -> EspDecoder:
+        """Our ESP decoder with the bundle's keys (built once), for `Packet.scapy(bundle)`."""
+        if self._decoder is None:
+            self._decoder = EspDecoder(self.inputs.sas)
+        return self._decoder
 
     @property
     def missing(self) -> list[str]:

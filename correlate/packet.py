@@ -80,6 +80,14 @@ class Packet:
     def dst(self) -> str:
         return _addr(self.record.payload, False)
 
+    def scapy(self, keys: Any = None) -> Any:
+        """This packet as scapy objects (`.outer`, `.inner`, `.status`: correlate.scapy_view),
+        decrypted with `keys` (a loaded bundle, an EspDecoder or SAs) when given. Needs the
+        optional scapy extra; the join never calls it."""
+        from .scapy_view import scapy_pair
+
+        return scapy_pair(self.record.payload, keys)
+
     def to_dict(self) -> dict[str, Any]:
         """The per-packet row of the JSON report and the notebook table."""
         return {

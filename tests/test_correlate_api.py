@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from ipsec_capture.correlate.api import load
+from ipsec_capture.correlate.scapy_view import scapy_pair
 from ipsec_capture.errors import UserError
-from tests.support.bundles import KEY, SPI, A, B, no_state_host, write_bundle
+from tests.support.bundles import IB, KEY, SPI, A, B, no_state_host, write_bundle
 from tests.support.synthetic import gcm_sa
 
 
@@ -32,3 +33,24 @@ def test_load_iterate_and_tables(tmp_path):
         assert isinstance(b.table("sa"), pandas.DataFrame)
     with pytest.raises(UserError, match="unknown table"):
         b.table("bogus")
+
+
+def test_packet_scapy_gives_outer_and_decrypted_inner(tmp_path):
+    """`p.scapy(bundle)`: the ESP packet as captured and the inner UDP packet our decoder opened
+    with the bundle's key; without keys there is no inner packet, and a cleartext point's packet
+    has no ESP at all."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.ipsec import ESP
+
+    cap = write_bundle(tmp_path / "out", no_state_host(), sas=[gcm_sa(SPI, A, B, KEY)])
+    b = load(cap)
+    first = next(iter(b.packets()))
+    view = first.scapy(b)
+    assert view.status == "ok"
+    assert view.outer[IP].dst == B and view.outer[ESP].spi == SPI and view.outer[ESP].seq == 1
+    assert view.inner[IP].dst == IB and view.inner[UDP].dport == 9
+    assert bytes(view.inner[UDP].payload) == b"x" * 40
+    bare = first.scapy()
+    assert bare.inner is None and bare.status is None and bare.outer[ESP].spi == SPI
+    clear = scapy_pair(bytes(view.inner), b)
+    assert clear.status is None and clear.inner is None and clear.outer[UDP].dport == 9
