@@ -123,9 +123,9 @@ def run_here(out: Path, scenario: str, kernel_events: str) -> int:
     finally:
         scenarios.teardown(PREFIX)
     say("report (ipsec-capture report " + str(pcapng) + "):")
-    r = subprocess.run(cli("report", str(pcapng), "--limit", "12"), capture_output=True, text=True)
-    print(r.stdout.rstrip() or r.stderr.rstrip(), flush=True)
-    rc = rc or r.returncode
+    report = subprocess.run(cli("report", str(pcapng), "--limit", "12"), capture_output=True, text=True)
+    print(report.stdout.rstrip() or report.stderr.rstrip(), flush=True)
+    rc = rc or report.returncode
     say(f"first packets (tshark, ESP decrypted with {esp_sa.name}):")
     print(tshark_lines(pcapng, esp_sa), flush=True)
     made = [p for p in (pcapng, events, esp_sa) if p.exists()]

@@ -99,9 +99,11 @@ class Agent:
             return
         timeout = req.get("timeout")
         deadline = time.monotonic() + timeout if timeout else None
+        assert proc.stdout is not None and proc.stderr is not None  # both are PIPEs
+        stdout, stderr = proc.stdout, proc.stderr
         sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ, "out")
-        sel.register(proc.stderr, selectors.EVENT_READ, "err")
+        sel.register(stdout, selectors.EVENT_READ, "out")
+        sel.register(stderr, selectors.EVENT_READ, "err")
         sel.register(self.fd, selectors.EVENT_READ, "ctl")
         timed_out = killed = False
         exited_at: float | None = None
@@ -122,15 +124,15 @@ class Agent:
                             killed = True
                             self.kill(proc)
                     continue
-                data = os.read(key.fileobj.fileno(), 65536)
+                data = os.read(key.fd, 65536)
                 if not data:
                     sel.unregister(key.fileobj)
                     open_pipes -= 1
                     continue
                 self.send({"t": key.data, "d": base64.b64encode(data).decode()})
         sel.close()
-        proc.stdout.close()
-        proc.stderr.close()
+        stdout.close()
+        stderr.close()
         rc = proc.wait()
         self.send({"t": "exit", "rc": rc, "timed_out": timed_out})
 

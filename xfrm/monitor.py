@@ -192,7 +192,7 @@ class XfrmMonitor:
         self._iterating = True
         try:
             while not self._closed:
-                ready, _, _ = select.select([self._sock, self._wake_r], [], [], timeout)
+                ready, _, _ = select.select([self._sock.fileno(), self._wake_r], [], [], timeout)
                 if not ready or self._closed:
                     return
                 yield from self.read_raw()
