@@ -18,7 +18,7 @@ from .causes import (
     cause_for_ret,
     drop_reason_named,
 )
-from .packet import CLEAR, FAILED, OK, UNKNOWN, Packet
+from .packet import CLEAR, FAILED, OK, UNKNOWN, Packet, settle
 from .sahistory import SaHistory
 
 
@@ -56,7 +56,38 @@ def _sa_evidence(p: Packet, history: SaHistory) -> None:
         p.evidence.append(f"SA spi 0x{p.spi:08x} hard-expired at {fmt_time(p.sa.expired_ns)}")
 
 
-PROBE_ACCEPTED = "xfrm_input returned 0 and no drop or anchor for this skb"  # (the join inlines it)
+PROBE_ACCEPTED = "xfrm_input returned 0 and no drop or anchor for this skb"
+
+
+def finish(p: Packet, ctx: Context) -> None:
+    """A packet leaving the join's window: its lists settled (packet.settle) and its verdict,
+    cause and evidence set.
+
+    Nearly every inbound packet has only its xfrm_input probe, returning 0 (or more,
+    -EINPROGRESS, or nothing), and no cause, cleartext, anchor or drop: with the kernel-drop
+    sources running it was accepted. That lone accepting probe is decided here, in its one home,
+    before `diagnose` (which would reach the same verdict through all its rules)."""
+    history = ctx.history
+    if history.by_spi and p.spi is not None and p.sa is None:
+        p.sa = history.at(p.spi, p.time_ns, p.netns)
+    events = p.events
+    if len(events) == 1 and p.cause is None and not p.clear and p.direction != "out" and p.kind != CLEAR \
+            and ctx.drop_source:
+        ev = events[0]
+        if ev.kind == "xfrm_input" and ev.source != "kfree_skb":
+            ret = ev.ret
+            if ret == 0 and type(ret) is int:  # (the text of 0, not of 0.0 or False)
+                accepted = PROBE_ACCEPTED
+            elif ret is None or ret > 0 or ret == -EINPROGRESS:
+                accepted = f"xfrm_input returned {ret} and no drop or anchor for this skb"
+            else:
+                accepted = None
+            if accepted is not None:  # settle(): no cause nor cleartext, so its lists are LATER
+                p.verdict = OK
+                p.clear, p.also, p.evidence = [], [], [accepted]
+                return
+    settle(p)
+    diagnose(p, ctx)
 
 
 def diagnose(p: Packet, ctx: Context) -> None:
@@ -64,22 +95,6 @@ def diagnose(p: Packet, ctx: Context) -> None:
     history = ctx.history
     if history.by_spi and p.spi is not None and p.sa is None:
         p.sa = history.at(p.spi, p.time_ns, p.netns)
-    events = p.events
-    if len(events) == 1 and p.cause is None and not p.clear and p.direction != "out" and p.kind != CLEAR \
-            and ctx.drop_source:
-        # Nearly every inbound packet: its xfrm_input probe alone, returning 0. No anchor, drop or
-        # error return among its events, so it is accepted (the last rule below).
-        ev = events[0]
-        if ev.kind == "xfrm_input" and ev.source != "kfree_skb":
-            ret = ev.ret
-            if ret == 0 and type(ret) is int:  # (the text of 0, not of 0.0 or False)
-                p.verdict = OK
-                p.evidence.append(PROBE_ACCEPTED)
-                return
-            if ret is None or ret > 0 or ret == -EINPROGRESS:
-                p.verdict = OK
-                p.evidence.append(f"xfrm_input returned {ret} and no drop or anchor for this skb")
-                return
     cause = None
     for ev in p.events:
         if ev.source == "kprobe" and ev.kind in ANCHOR_CAUSES:
