@@ -59,6 +59,22 @@ def _sa_evidence(p: Packet, history: SaHistory) -> None:
 PROBE_ACCEPTED = "xfrm_input returned 0 and no drop or anchor for this skb"
 
 
+def accepted_by_probe(p: Packet) -> bool:
+    """The packet's own events say the kernel took it: an xfrm_input probe returned 0 (or more,
+    -EINPROGRESS, nothing) and no anchor, drop or error return names it. A probe means the
+    kernel-drop sources ran (the BPF program that probes also sees the drops), so a drop would
+    show. A counter delta, which names no packet, never outweighs this."""
+    probe = False
+    for ev in p.events:
+        source = ev.source
+        if source == "kfree_skb" or (source == "kprobe" and ev.kind in ANCHOR_CAUSES) or \
+                cause_for_ret(ev.kind, ev.ret) is not None:
+            return False
+        if ev.kind == "xfrm_input":
+            probe = True
+    return probe
+
+
 def finish(p: Packet, ctx: Context) -> None:
     """A packet leaving the join's window: its lists settled (packet.settle) and its verdict,
     cause and evidence set.
@@ -120,7 +136,11 @@ def diagnose(p: Packet, ctx: Context) -> None:
                 p.evidence.append(f"{ev.kind} returned {ev.ret}")
                 break
     if cause is None and p.cause is not None:  # attributed from a counter delta by the join
-        cause = p.cause
+        if accepted_by_probe(p):  # (its probe came after the attribution): a counter names no packet
+            p.evidence.append(f"{p.counter} moved for another packet: this one's probe says accepted")
+            p.cause = p.counter = None
+        else:
+            cause = p.cause
     if p.clear and cause is None:
         p.verdict = OK
         pts = ", ".join(dict.fromkeys(pt for pt, _ in p.clear))

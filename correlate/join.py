@@ -57,6 +57,7 @@ class JoinStats:
     clear_matched: int = 0
     events_matched: int = 0
     events_unmatched: dict[str, int] = field(default_factory=dict)  # "source/kind" -> count
+    events_other_netns: int = 0  # events of another namespace than the capture's: not evidence
     capture_stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -103,6 +104,11 @@ class Joiner:
             self.decoder = EspDecoder(sas)
         sources = {s.get("name") for s in (header or {}).get("sources", []) if isinstance(s, dict)
                    and s.get("active", True)}
+        # The capture's own namespace (the header says it): an event of another one is never
+        # evidence for this capture's packets, even when a source let it into the log.
+        netns = (header or {}).get("netns")
+        inode = netns.get("inode") if isinstance(netns, dict) else None
+        self.netns: int | None = inode if isinstance(inode, int) and not isinstance(inode, bool) else None
         self.ctx = Context(history=self.history, clear_points=set(), keys=self.decoder is not None,
                            drop_source=bool(sources & {"kfree_skb", "kprobe", "tracepoint"}),
                            kprobes="kprobe" in sources)
@@ -133,6 +139,8 @@ class Joiner:
         early_order = self._early_order
         by_spiseq = self._by_spiseq
         skbs, matcher, ctx = self._skbs, self._matcher, self.ctx
+        deferred = self._attribution.deferred
+        own = self.netns
         skb_target = skbs.target
         log_packets, log_probes = skbs.log_packets, skbs.log_probes
         record, event, finalize = self._record, self._event, self._finalize
@@ -184,6 +192,8 @@ class Joiner:
                         if not pending:
                             due = now + window
                         pending.append(p)
+                elif item.netns is not None and item.netns != own and own is not None:
+                    self.stats.events_other_netns += 1
                 else:
                     p = None
                     if item.source == "kprobe":
@@ -207,6 +217,8 @@ class Joiner:
                             log_probes.append(item)
                 if due < now:
                     limit = now - window  # a packet older than this has waited its window
+                    if deferred:
+                        self._attributed(limit)
                     while pending and pending[0].time_ns < limit:
                         p = pending.popleft()
                         if p.kind == ESP:  # _finalize
@@ -230,6 +242,7 @@ class Joiner:
                     due = pending[0].time_ns + window if pending else math.inf
                 if early_order and early_order[0][0] + window < now:
                     self._expire_early(now)
+            self._attributed(math.inf)
             while pending:
                 p = finalize(pending.popleft())
                 if p is not None:
@@ -324,7 +337,7 @@ class Joiner:
     def _event(self, ev: Event) -> None:
         self.stats.events += 1
         if ev.kind in ANCHOR_CAUSES:
-            self._attribution.anchor_kinds = True
+            self._attribution.anchor(ev)
         src = ev.source
         if src == "kprobe":
             ctx = self.ctx
@@ -420,11 +433,14 @@ class Joiner:
 
     def _counter(self, ev: Event) -> None:
         inc = self._attribution.counter(ev)
-        if inc is None:
-            return
-        self.incidents.append(inc)
-        self._note(ev.time_ns, f"{inc.name} +{inc.delta} -> {inc.cause}" +
-                   (f" ({inc.attributed} captured packet(s))" if inc.attributed else ""))
+        if inc is not None:
+            self.incidents.append(inc)  # attributed later (_attributed)
+
+    def _attributed(self, limit: float) -> None:
+        """Attribute the counter deltas whose poll window's packets start to leave the join."""
+        for inc in self._attribution.flush(limit):
+            self._note(inc.time_ns, f"{inc.name} +{inc.delta} -> {inc.cause}" +
+                       (f" ({inc.attributed} captured packet(s))" if inc.attributed else ""))
 
     def _unmatched(self, ev: Event) -> None:
         k = f"{ev.source}/{ev.kind}"
