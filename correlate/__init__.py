@@ -1,9 +1,10 @@
 """Correlation and reports: Records, Events and SA history joined into per-packet verdicts.
 
 Entry points: `bundle` (open a capture's pcapng, events log and key file as one input), `join`
-(the streaming join: ESP to its cleartext, probes and drops to packets, counter deltas to the
-packets they explain), `diagnosis` and `causes` (a named cause with evidence and advice for each
-failure), `sahistory` (which SA existed when), `summary` (per-SA and per-cause totals), `peer`
+(the streaming join: the merge by time and the (SPI, seq) index, with its parts `clearmatch`
+(ESP to its cleartext), `skbs` (drops to packets by skb address) and `attribution` (counter
+deltas to the packets they explain)), `diagnosis` and `causes` (a named cause with evidence and
+advice for each failure), `sahistory` (which SA existed when), `summary` (per-SA and per-cause totals), `peer`
 (two bundles joined by SPI and seq), `report_text` / `report_json` / `report_html` (the outputs),
 `api` (the Python API; `scapy_view` hands a packet to scapy, an optional extra), `cli`
 (`ipsec-capture report`).

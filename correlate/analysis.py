@@ -8,9 +8,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ipsec_capture.wire import SECOND
+
 from .bundle import Inputs
 from .causes import CAUSES
-from .join import SECOND, Joiner
+from .join import Joiner
 from .packet import Packet
 from .summary import ReportFilter, Summary
 
@@ -45,6 +47,7 @@ class Analysis:
             "totals": {"records": st.records, "esp": st.esp, "cleartext": st.clear, "ike": st.ike,
                        "other": st.other, "cleartext_matched": st.clear_matched, "events": st.events,
                        "events_matched": st.events_matched, "events_unmatched": dict(st.events_unmatched),
+                       "events_other_netns": st.events_other_netns,
                        "packets": sum(s.totals.values()), **s.totals},
             "sas": [r.to_dict() for r in sorted(s.rows.values(), key=lambda r: (r.first_ns, r.direction))],
             "drops": [g.to_dict() for g in sorted(s.drops.values(), key=lambda g: (g.first_ns, g.cause))],

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ipsec_capture.rules.points import CLEAR
-
 from .causes import (
     ANCHOR_CAUSES,
     EINPROGRESS,
@@ -20,12 +18,7 @@ from .causes import (
     cause_for_ret,
     drop_reason_named,
 )
-from .packet import (
-    FAILED,
-    OK,
-    UNKNOWN,
-    Packet,
-)
+from .packet import CLEAR, FAILED, OK, UNKNOWN, Packet, settle
 from .sahistory import SaHistory
 
 
@@ -63,7 +56,54 @@ def _sa_evidence(p: Packet, history: SaHistory) -> None:
         p.evidence.append(f"SA spi 0x{p.spi:08x} hard-expired at {fmt_time(p.sa.expired_ns)}")
 
 
-PROBE_ACCEPTED = "xfrm_input returned 0 and no drop or anchor for this skb"  # (the join inlines it)
+PROBE_ACCEPTED = "xfrm_input returned 0 and no drop or anchor for this skb"
+
+
+def accepted_by_probe(p: Packet) -> bool:
+    """The packet's own events say the kernel took it: an xfrm_input probe returned 0 (or more,
+    -EINPROGRESS, nothing) and no anchor, drop or error return names it. A probe means the
+    kernel-drop sources ran (the BPF program that probes also sees the drops), so a drop would
+    show. A counter delta, which names no packet, never outweighs this."""
+    probe = False
+    for ev in p.events:
+        source = ev.source
+        if source == "kfree_skb" or (source == "kprobe" and ev.kind in ANCHOR_CAUSES) or \
+                cause_for_ret(ev.kind, ev.ret) is not None:
+            return False
+        if ev.kind == "xfrm_input":
+            probe = True
+    return probe
+
+
+def finish(p: Packet, ctx: Context) -> None:
+    """A packet leaving the join's window: its lists settled (packet.settle) and its verdict,
+    cause and evidence set.
+
+    Nearly every inbound packet has only its xfrm_input probe, returning 0 (or more,
+    -EINPROGRESS, or nothing), and no cause, cleartext, anchor or drop: with the kernel-drop
+    sources running it was accepted. That lone accepting probe is decided here, in its one home,
+    before `diagnose` (which would reach the same verdict through all its rules)."""
+    history = ctx.history
+    if history.by_spi and p.spi is not None and p.sa is None:
+        p.sa = history.at(p.spi, p.time_ns, p.netns)
+    events = p.events
+    if len(events) == 1 and p.cause is None and not p.clear and p.direction != "out" and p.kind != CLEAR \
+            and ctx.drop_source:
+        ev = events[0]
+        if ev.kind == "xfrm_input" and ev.source != "kfree_skb":
+            ret = ev.ret
+            if ret == 0 and type(ret) is int:  # (the text of 0, not of 0.0 or False)
+                accepted = PROBE_ACCEPTED
+            elif ret is None or ret > 0 or ret == -EINPROGRESS:
+                accepted = f"xfrm_input returned {ret} and no drop or anchor for this skb"
+            else:
+                accepted = None
+            if accepted is not None:  # settle(): no cause nor cleartext, so its lists are LATER
+                p.verdict = OK
+                p.clear, p.also, p.evidence = [], [], [accepted]
+                return
+    settle(p)
+    diagnose(p, ctx)
 
 
 def diagnose(p: Packet, ctx: Context) -> None:
@@ -71,22 +111,6 @@ def diagnose(p: Packet, ctx: Context) -> None:
     history = ctx.history
     if history.by_spi and p.spi is not None and p.sa is None:
         p.sa = history.at(p.spi, p.time_ns, p.netns)
-    events = p.events
-    if len(events) == 1 and p.cause is None and not p.clear and p.direction != "out" and p.kind != CLEAR \
-            and ctx.drop_source:
-        # Nearly every inbound packet: its xfrm_input probe alone, returning 0. No anchor, drop or
-        # error return among its events, so it is accepted (the last rule below).
-        ev = events[0]
-        if ev.kind == "xfrm_input" and ev.source != "kfree_skb":
-            ret = ev.ret
-            if ret == 0 and type(ret) is int:  # (the text of 0, not of 0.0 or False)
-                p.verdict = OK
-                p.evidence.append(PROBE_ACCEPTED)
-                return
-            if ret is None or ret > 0 or ret == -EINPROGRESS:
-                p.verdict = OK
-                p.evidence.append(f"xfrm_input returned {ret} and no drop or anchor for this skb")
-                return
     cause = None
     for ev in p.events:
         if ev.source == "kprobe" and ev.kind in ANCHOR_CAUSES:
@@ -112,7 +136,11 @@ def diagnose(p: Packet, ctx: Context) -> None:
                 p.evidence.append(f"{ev.kind} returned {ev.ret}")
                 break
     if cause is None and p.cause is not None:  # attributed from a counter delta by the join
-        cause = p.cause
+        if accepted_by_probe(p):  # (its probe came after the attribution): a counter names no packet
+            p.evidence.append(f"{p.counter} moved for another packet: this one's probe says accepted")
+            p.cause = p.counter = None
+        else:
+            cause = p.cause
     if p.clear and cause is None:
         p.verdict = OK
         pts = ", ".join(dict.fromkeys(pt for pt, _ in p.clear))

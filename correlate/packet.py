@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ipsec_capture.models import Event, Record
+from ipsec_capture.rules.points import CLEAR as CLEAR  # re-exported: the join's modules use both
+from ipsec_capture.rules.points import ESP as ESP
 from ipsec_capture.rules.points import IKE, POINTS
 
 from .sahistory import SaLife

@@ -37,6 +37,9 @@ def render(d: dict[str, Any]) -> str:
     if tot["events_unmatched"]:
         out.append("   kernel events for packets not captured: "
                    + ", ".join(f"{k} {v}" for k, v in sorted(tot["events_unmatched"].items())))
+    if tot.get("events_other_netns"):
+        out.append(f"   {tot['events_other_netns']} kernel events of another network namespace ignored "
+                   "(not evidence for this capture)")
     out.append("")
     out.append("SAs")
     rows = [[r["spi"] or "cleartext", r["direction"], f"{r['src']} -> {r['dst']}", str(r["packets"]),
