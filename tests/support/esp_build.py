@@ -14,9 +14,9 @@ import struct
 from dataclasses import dataclass
 
 from cryptography.hazmat.decrepit.ciphers.algorithms import CAST5, Blowfish, Camellia, TripleDES
-from cryptography.hazmat.primitives.cmac import CMAC
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.cmac import CMAC
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.ipsec import ESP, SecurityAssociation
@@ -27,8 +27,9 @@ from ipsec_capture.xfrm.sa import SA, Algorithm, Encap, Replay
 HMAC_DIGEST = {"hmac(md5)": "md5", "hmac(sha1)": "sha1", "hmac(sha256)": "sha256",
                "hmac(sha384)": "sha384", "hmac(sha512)": "sha512", "hmac(rmd160)": "ripemd160",
                "hmac(sm3)": "sm3"}
-# CBC ciphers beyond AES: kernel name -> (cipher class, block bytes)
-CBC_CIPHERS = {"cbc(aes)": (algorithms.AES, 16), "cbc(des3_ede)": (TripleDES, 8), "cbc(des)": (lambda k: TripleDES(k * 3), 8),
+# CBC ciphers: kernel name -> (cipher class, block bytes)
+CBC_CIPHERS = {"cbc(aes)": (algorithms.AES, 16), "cbc(des3_ede)": (TripleDES, 8),
+               "cbc(des)": (lambda k: TripleDES(k * 3), 8),
                "cbc(blowfish)": (Blowfish, 8), "cbc(cast5)": (CAST5, 8), "cbc(camellia)": (Camellia, 16),
                "cbc(sm4)": (algorithms.SM4, 16)}
 
