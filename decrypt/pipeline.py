@@ -128,6 +128,9 @@ class DecryptSummary:
             lines.append(f"SPI 0x{t.spi:08x} {t.src} -> {t.dst}{alg}: {counts}")
         totals = self.totals()
         text = ", ".join(f"{k} {v}" for k, v in totals.items())
+        esp = sum(v for k, v in totals.items() if k != NOT_ESP)
+        if esp > self.packets - self.not_esp:
+            text += " (counted per ESP layer: ESP inside ESP)"
         lines.append(f"{self.packets} packets: {text or 'none'}")
         if totals.get(OK_UNVERIFIED):
             lines.append(f"{totals[OK_UNVERIFIED]} decrypted without an integrity check (ok-unverified: the "
