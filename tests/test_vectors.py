@@ -10,15 +10,17 @@ tshark (Wireshark 4.0) can decrypt, it must find the same inner packet.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from ipsec_capture.capture.pcapread import read_records
+from ipsec_capture.cli import main
 from ipsec_capture.xfrm.esp_sa import TSHARK_PREFS
 from tests.conftest import require_tool
 from tests.support.bundles import write_pcap
@@ -33,7 +35,6 @@ from tests.support.xfrm_cmd import (
     state_text,
 )
 
-CLI = [sys.executable, "-m", "ipsec_capture"]
 if not (VECTORS / "README.md").is_file():
     pytest.fail(f"the known-answer vectors are missing: {VECTORS} (CI copies shared/ beside the clone)",
                 pytrace=False)
@@ -62,25 +63,31 @@ def assert_inner_icmp(pkt: bytes) -> None:
     assert pkt[9] == 1 and _checksum(pkt[20:]) == 0xFFFF, "ICMP checksum"
 
 
+def cli(*args: str) -> tuple[int, str, str]:
+    """The CLI in this process (the same `main` the command runs): (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    return rc, out.getvalue(), err.getvalue()
+
+
 def decrypt(capture: Path, keys: Path, tmp: Path) -> tuple[dict, list[tuple[bytes, str]]]:
     """`decrypt --json` of `capture` with `keys`: (summary, [(packet, comment)])."""
     out = tmp / f"{capture.stem}.{keys.name}.pcapng"
-    r = subprocess.run([*CLI, "decrypt", str(capture), "--keys", str(keys), "-w", str(out), "--json", "-q"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
-    return json.loads(r.stdout), [(bytes(rec.payload), rec.comment or "") for rec in read_records(out)]
+    rc, stdout, stderr = cli("decrypt", str(capture), "--keys", str(keys), "-w", str(out), "--json", "-q")
+    assert rc == 0, stderr
+    return json.loads(stdout), [(bytes(rec.payload), rec.comment or "") for rec in read_records(out)]
 
 
 def _esp_sa_row(ref: dict) -> str | None:
     """A Wireshark esp_sa row for the reference's SA, written by hand from its command (None
     where Wireshark has no name for the algorithm)."""
     c = parse_command(ref["cmd"])
-    (kind, name, key, bits), *_ = c.algs
+    (_kind, name, key, _bits), *_ = c.algs
     if name not in WIRESHARK_ENC:
         return None
-    auth = "NULL" if kind == "aead" else "NULL"
-    return (f'"IPv4","{c.src}","{c.dst}","0x{c.spi:08x}","{WIRESHARK_ENC[name]}","0x{key}",'
-            f'"{auth}",""')
+    # no integrity (digest_null) or an AEAD, whose ICV is the encryption's: authentication NULL
+    return f'"IPv4","{c.src}","{c.dst}","0x{c.spi:08x}","{WIRESHARK_ENC[name]}","0x{key}","NULL",""'
 
 
 def _expected(ref: dict) -> str:
@@ -110,9 +117,9 @@ def test_kernel_packet_decrypts_from_the_table_keys_writes(ref: dict, tmp_path: 
     states.write_text(state_text(ref["cmd"]))
     for columns in ("8", "10"):
         table = tmp_path / f"k{columns}.esp_sa"
-        r = subprocess.run([*CLI, "keys", "--from-text", str(states), "-w", str(table),
-                            "--wireshark-format", columns], capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, r.stderr
+        rc, _, stderr = cli("keys", "--from-text", str(states), "-w", str(table),
+                            "--wireshark-format", columns)
+        assert rc == 0, stderr
         assert table.stat().st_mode & 0o777 == 0o600
         summary, [(pkt, _)] = decrypt(cap, table, tmp_path)
         assert summary["totals"] == {_expected(ref): 1}, (columns, summary)
@@ -135,14 +142,15 @@ def test_kernel_packet_decrypts_from_a_wireshark_row_as_tshark_does(ref: dict, t
     if parse_command(ref["cmd"]).esn:
         return  # Wireshark 4.0's 8 columns cannot say ESN: its GCM AAD is wrong, so no comparison
     tshark = require_tool("tshark")
+    fields = ("ip.src", "ip.dst", "ip.id", "icmp.seq", "icmp.checksum")
     r = subprocess.run([tshark, "-r", str(cap), *TSHARK_PREFS, "-o", f"uat:esp_sa:{row}", "-T", "fields",
-                        "-e", "ip.src", "-e", "ip.dst", "-e", "ip.id", "-e", "icmp.seq", "-e", "icmp.checksum"],
-                       capture_output=True, text=True, timeout=120)
+                        *(a for f in fields for a in ("-e", f))], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     src, dst, ident, seq, csum = r.stdout.strip().split("\t")
     inner = (src.split(",")[-1], dst.split(",")[-1], int(ident.split(",")[-1], 16), int(seq), int(csum, 16))
-    mine = (".".join(map(str, pkt[12:16])), ".".join(map(str, pkt[16:20])), struct.unpack_from("!H", pkt, 4)[0],
-            struct.unpack_from("!H", pkt, 26)[0], struct.unpack_from("!H", pkt, 22)[0])
+    mine = (".".join(map(str, pkt[12:16])), ".".join(map(str, pkt[16:20])),
+            struct.unpack_from("!H", pkt, 4)[0], struct.unpack_from("!H", pkt, 26)[0],
+            struct.unpack_from("!H", pkt, 22)[0])
     assert inner == mine
 
 
@@ -188,7 +196,8 @@ def test_tcpdump_capture_decrypts_with_its_secrets(name: str, tmp_path: Path) ->
                if line.strip() and not line.startswith("#")]  # given inline: tcpdump may drop root
     r = subprocess.run([tcpdump, "-nr", str(cap), "-E", ",".join(secrets)], capture_output=True, text=True,
                        timeout=60)
-    seqs = [int(line.split("seq ")[-1].split(",")[0]) for line in r.stdout.splitlines() if "ICMP echo" in line]
+    seqs = [int(line.split("seq ")[-1].split(",")[0]) for line in r.stdout.splitlines()
+            if "ICMP echo" in line]
     assert seqs == [struct.unpack_from("!H", pkt, 26)[0] for pkt, _ in packets]
 
 
@@ -204,7 +213,8 @@ def test_tcpdump_capture_decrypts_from_an_esp_sa_like_tshark(name: str, tmp_path
         spi, dst = target.split("@")
         algo, key = secret.split(":")
         enc = "TripleDES-CBC [RFC2451]" if algo.startswith("3des") else "AES-CBC [RFC3602]"
-        rows.append(f'"IPv4","*","{dst}","{spi}","{enc}","{key}","ANY 96 bit authentication [no checking]",""')
+        rows.append(f'"IPv4","*","{dst}","{spi}","{enc}","{key}",'
+                    '"ANY 96 bit authentication [no checking]",""')
     table = tmp_path / "t.esp_sa"
     table.write_text("\n".join(rows) + "\n")
     summary, packets = decrypt(VECTORS / name, table, tmp_path)
