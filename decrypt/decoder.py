@@ -5,8 +5,14 @@ three orders of magnitude too slow (and wrong for short GCM ICVs). The decoder k
 per SA, built once (cipher objects, packed destination, ESN tracking), and on each packet does a
 struct parse, one dict lookup and the crypto.
 
-Results (`DecryptResult.status`): ok, icv-fail, no-sa, bad-padding, truncated, unsupported,
-not-esp. The decoder never raises on packet bytes.
+Results (`DecryptResult.status`): ok (decrypted, ICV verified), ok-unverified (decrypted, but
+nothing checked it: the SA has no integrity, or the key file has no integrity key, e.g. Wireshark's
+`ANY n bit authentication [no checking]`, tcpdump's `-hmac96`, GMAC without its key), icv-fail,
+no-sa, bad-padding, truncated, unsupported, not-esp. ESP carried inside ESP (a tunnel in a
+tunnel) is opened layer by layer when the inner SA is known: `DecryptResult.layer`. Several SAs
+may share a destination and SPI (Cilium: one SPI for every node pair, told apart by mark): each
+one's ICV is tried, the one whose source matches the packet first. The decoder never raises on
+packet bytes.
 """
 
 from __future__ import annotations
@@ -20,20 +26,23 @@ from cryptography.exceptions import InvalidTag
 
 from ipsec_capture.capture.esp_header import EspHeader, esp_header, locate
 from ipsec_capture.wire import IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_NONE
-from ipsec_capture.xfrm.sa import ESN_UNKNOWN, MODE_UNKNOWN, SA
+from ipsec_capture.xfrm.sa import ANY_SPI, ESN_UNKNOWN, MODE_UNKNOWN, SA
 
 from .transforms import Transform, UnsupportedSA, transform_for
 
 __all__ = ["DecryptResult", "EspDecoder", "EspHeader", "esp_header"]
 
 OK = "ok"
+OK_UNVERIFIED = "ok-unverified"
 ICV_FAIL = "icv-fail"
 NO_SA = "no-sa"
 BAD_PADDING = "bad-padding"
 TRUNCATED = "truncated"
 UNSUPPORTED = "unsupported"
 NOT_ESP = "not-esp"
-STATUSES = (OK, ICV_FAIL, NO_SA, BAD_PADDING, TRUNCATED, UNSUPPORTED, NOT_ESP)
+STATUSES = (OK, OK_UNVERIFIED, ICV_FAIL, NO_SA, BAD_PADDING, TRUNCATED, UNSUPPORTED, NOT_ESP)
+DECRYPTED = (OK, OK_UNVERIFIED)  # the statuses that come with an inner packet
+MAX_LAYERS = 4  # ESP inside ESP opened at most this deep (each layer needs its own SA)
 
 _ESP = struct.Struct("!II")
 # IPv4 header without options followed by the ESP header: version/IHL, total length, flags and
@@ -61,7 +70,9 @@ class DecryptResult:
     packet rebuilt around the payload (protocol = next header, lengths and IPv4 checksum fixed,
     UDP encapsulation removed). `decrypt_into` leaves `inner` None and writes it into the
     caller's buffer instead; `inner_len` is its length either way (-1: there is none). `sa` is
-    the SA that matched (also for failures).
+    the SA that matched (also for failures). `layer` is the result of the ESP packet this one
+    carried (a tunnel inside a tunnel), when its SA is known: then `inner_len` (and `inner`) is
+    the innermost packet decrypted, each layer's own status, SPI and sequence number in its result.
     """
 
     status: str
@@ -72,6 +83,14 @@ class DecryptResult:
     sa: SA | None = None
     detail: str = ""
     inner_len: int = -1
+    layer: DecryptResult | None = None
+
+    def layers(self) -> list[DecryptResult]:
+        """This result and those of the ESP layers inside it, outermost first."""
+        out = [self]
+        while out[-1].layer is not None:
+            out.append(out[-1].layer)
+        return out
 
 
 @dataclass(slots=True)
@@ -86,7 +105,10 @@ class _Context:
     top: int = 0  # highest 64-bit sequence number verified so far (ESN)
     window: int = _DEFAULT_WINDOW
     dst: bytes | None = field(default=None)
+    src: bytes | None = None
     lane: Lane | None = None  # the fast lane, once the SA is known to have one (see _lane)
+    # the other SAs with the same (destination, SPI), told apart by their ICV (marks, see add)
+    others: list[_Context] = field(default_factory=list)
 
 
 # (IPv4 packet, out buffer, a view of it, at) -> inner length, or -1: "ask decrypt_into"
@@ -102,7 +124,7 @@ def _lane(ctx: _Context) -> Lane | None:
     failure, bad padding, another next header), which decrypt_into then decides, so the lane
     changes speed, never results. None: the SA has no lane (yet: ESN undecided)."""
     t = ctx.transform
-    if t is None or not t.authenticated or ctx.tunnel is False or ctx.esn is not False:
+    if t is None or not t.authenticated or ctx.tunnel is False or ctx.esn is not False or ctx.others:
         return None
     overhead, block = 20 + t.overhead, t.block
     pads = _PADS
@@ -125,12 +147,22 @@ def _lane(ctx: _Context) -> Lane | None:
             return -1
         pad_len = buf[at + n - 2]
         end = n - 2 - pad_len
-        if end < 0 or buf[at + n - 1] not in TUNNEL_HEADERS \
-                or not buf.startswith(pads[pad_len], at + end):
+        nh = buf[at + n - 1]
+        if end < 0 or nh not in TUNNEL_HEADERS or not buf.startswith(pads[pad_len], at + end) \
+                or buf[at + (9 if nh == IPPROTO_IPIP else 6)] == IPPROTO_ESP:  # ESP in ESP: layers
             return -1
         return end
 
     return lane
+
+
+def _identity(sa: SA) -> tuple:
+    """What makes an SA another one than an SA with the same (destination, SPI): an update of
+    the same SA (new replay state, new key) replaces it; another source, mark or transform is
+    kept beside it (Cilium's per-pair SAs, a key file unsure of an ICV length)."""
+    algs = tuple((a.name, a.icv_bits, a.trunc_bits) if a is not None else None
+                 for a in (sa.aead, sa.enc, sa.auth))
+    return (sa.src, sa.mark, algs)
 
 
 def _packed(addr: str) -> bytes | None:
@@ -144,20 +176,24 @@ class EspDecoder:
     """Decrypts ESP packets with a set of SAs, looked up by (destination, SPI) and, because NAT
     may rewrite addresses, by SPI alone when the pair is unknown."""
 
-    __slots__ = ("_by_dst", "_by_spi", "_by_v4", "_scratch", "_scratch_view")
+    __slots__ = ("_any", "_by_dst", "_by_spi", "_by_v4", "_scratch", "_scratch_view")
 
     def __init__(self, sas: Iterable[SA] = ()) -> None:
+        # (destination, SPI) -> its SA, the first of several (ctx.others) when they share the pair
         self._by_dst: dict[tuple[bytes | None, int], _Context] = {}
         self._by_spi: dict[int, list[_Context]] = {}
         self._by_v4: dict[int, _Context] = {}  # the IPv4 entries of _by_dst, keyed dst << 32 | SPI
+        self._any: list[_Context] = []  # keys for every SPI (ANY_SPI), tried when no SA matches
         self._scratch = bytearray(0)  # where decrypt() lets decrypt_into write
         self._scratch_view = memoryview(self._scratch)
         for sa in sas:
             self.add(sa)
 
     def add(self, sa: SA) -> None:
-        """Add an SA, replacing one with the same (dst, SPI); builds its ciphers now. An SA we
-        cannot decrypt still matches, so its packets say `unsupported` and why, not `no-sa`."""
+        """Add an SA; builds its ciphers now. It replaces an SA with the same (destination, SPI)
+        and the same identity (source, mark, transform: an update), else it joins it (several
+        SAs on one destination and SPI, told apart by their ICV). An SA we cannot decrypt still
+        matches, so its packets say `unsupported` and why, not `no-sa`."""
         try:
             transform, problem = transform_for(sa), ""
         except UnsupportedSA as err:
@@ -168,20 +204,39 @@ class EspDecoder:
         top = max((replay.seq_hi << 32) | replay.seq, (replay.oseq_hi << 32) | replay.oseq)
         ctx = _Context(sa=sa, transform=transform, problem=problem, tunnel=_tunnel_mode(sa.mode),
                        esn=None if ESN_UNKNOWN in sa.flags else sa.esn, top=top,
-                       window=replay.window or _DEFAULT_WINDOW, dst=_packed(sa.dst))
-        ctx.lane = _lane(ctx)
+                       window=replay.window or _DEFAULT_WINDOW, dst=_packed(sa.dst), src=_packed(sa.src))
+        if sa.spi == ANY_SPI:
+            ident = _identity(sa)
+            self._any = [c for c in self._any if _identity(c.sa) != ident] + [ctx]
+            return
         key = (ctx.dst, sa.spi)
-        old = self._by_dst.get(key)
-        self._by_dst[key] = ctx
-        if ctx.dst is not None and len(ctx.dst) == 4 and sa.spi:  # SPI 0 is never ESP: not found
-            self._by_v4[int.from_bytes(ctx.dst, "big") << 32 | sa.spi] = ctx
+        first = self._by_dst.get(key)
+        group = [ctx] if first is None else [first, *first.others]
+        replaced: _Context | None = None
+        if first is not None:
+            ident = _identity(sa)
+            for i, c in enumerate(group):
+                if _identity(c.sa) == ident:
+                    replaced, group[i] = c, ctx
+                    break
+            else:
+                group.append(ctx)
+        for c in group:
+            c.others = []
+        group[0].others = group[1:]
+        for c in group:
+            c.lane = _lane(c)
+        self._by_dst[key] = group[0]
+        if ctx.dst is not None and len(ctx.dst) == 4:
+            self._by_v4[int.from_bytes(ctx.dst, "big") << 32 | sa.spi] = group[0]
         same_spi = self._by_spi.setdefault(sa.spi, [])
-        if old is not None:
-            same_spi.remove(old)
-        same_spi.append(ctx)
+        if replaced is not None:
+            same_spi[same_spi.index(replaced)] = ctx
+        else:
+            same_spi.append(ctx)
 
     def __len__(self) -> int:
-        return len(self._by_dst)
+        return sum(len(v) for v in self._by_spi.values()) + len(self._any)
 
     def lane(self, dst_spi: int) -> Lane | None:
         """The fast lane (see _lane) of the SA for IPv4 destination and SPI as one 64-bit number
@@ -211,6 +266,7 @@ class EspDecoder:
         try:
             pkt = packet if type(packet) is memoryview else memoryview(packet)
             n = len(pkt)
+            result: DecryptResult | None = None
             if n >= 28:
                 # Nearly every packet: IPv4 without options, ESP, a known (destination, SPI),
                 # captured whole. One unpack reads all of it; anything else takes the general parse.
@@ -218,10 +274,43 @@ class EspDecoder:
                 if first == 0x45 and proto == IPPROTO_ESP and not frag & 0x3FFF and length == n:
                     ctx = self._by_v4.get(dst_spi)
                     if ctx is not None:
-                        return self._open(ctx, pkt, dst_spi & 0xFFFFFFFF, seq_lo, 20, 20, 9, buf, out, at)
-            return self._decrypt(pkt, buf, out, at)
+                        spi = dst_spi & 0xFFFFFFFF
+                        if ctx.others:
+                            result = self._open_group(ctx, bytes(pkt[12:16]), pkt, spi, seq_lo, 20, 20, 9,
+                                                      buf, out, at)
+                        else:
+                            result = self._open(ctx, pkt, spi, seq_lo, 20, 20, 9, buf, out, at)
+            if result is None:
+                result = self._decrypt(pkt, buf, out, at)
+            k = result.inner_len
+            if k >= 20 and result.status in DECRYPTED and \
+                    buf[at + (9 if buf[at] >> 4 == 4 else 6)] == IPPROTO_ESP:
+                return self._inner_layer(result, buf, out, at, 1)
+            return result
         except Exception as err:  # a decoder bug must not stop a whole file
             return DecryptResult(UNSUPPORTED, detail=f"decoder error: {type(err).__name__}: {err}")
+
+    def _inner_layer(self, result: DecryptResult, buf: bytearray, out: memoryview, at: int,
+                     depth: int) -> DecryptResult:
+        """The decrypted packet is ESP again (a tunnel in a tunnel): open it with its own SA, if
+        it has one we know, into the same place. Its result becomes `result.layer`; the packet
+        left at `at` is the innermost one decrypted (the ESP packet itself when its layer fails)."""
+        inner = bytes(out[at:at + result.inner_len])
+        sub = self._decrypt(memoryview(inner), buf, out, at)
+        if sub.status in (NOT_ESP, NO_SA):
+            out[at:at + len(inner)] = inner  # a failed attempt may have written there
+            return result
+        result.layer = sub
+        if sub.inner_len < 0:
+            out[at:at + len(inner)] = inner
+            return result
+        k = sub.inner_len
+        result.inner_len = k
+        if depth < MAX_LAYERS and k >= 20 and sub.status in DECRYPTED and \
+                buf[at + (9 if buf[at] >> 4 == 4 else 6)] == IPPROTO_ESP:
+            self._inner_layer(sub, buf, out, at, depth + 1)
+            result.inner_len = sub.inner_len
+        return result
 
     def _decrypt(self, pkt: memoryview, buf: bytearray, out: memoryview, at: int) -> DecryptResult:
         """Any packet: the general parse (IPv6, options, NAT-T, fragments, unknown or NAT'ed
@@ -236,6 +325,15 @@ class EspDecoder:
         ctx = self._by_dst.get((bytes(pkt[dst_start:dst_end]), spi))
         if ctx is None:
             return self._decrypt_by_spi(pkt, spi, seq_lo, pos, header_len, proto_at, length, buf, out, at)
+        if ctx.others:
+            alen = dst_end - dst_start
+            src = bytes(pkt[dst_start - alen:dst_start])
+            if length != len(pkt) and len(pkt) > length >= pos:
+                pkt = pkt[:length]
+            if length > len(pkt):
+                return DecryptResult(TRUNCATED, spi, seq_lo, sa=ctx.sa,
+                                     detail=f"captured {len(pkt)} of {length} bytes")
+            return self._open_group(ctx, src, pkt, spi, seq_lo, pos, header_len, proto_at, buf, out, at)
         # the usual case: one SA for (destination, SPI), the packet captured whole
         if length != len(pkt):
             if length > len(pkt):
@@ -250,7 +348,7 @@ class EspDecoder:
                         ) -> DecryptResult:
         """No SA for (destination, SPI): NAT may have rewritten the address, so every SA with the
         SPI is tried until one verifies."""
-        candidates = self._by_spi.get(spi)
+        candidates = self._by_spi.get(spi) or self._any
         if not candidates:
             return DecryptResult(NO_SA, spi, seq_lo, detail=f"no SA for SPI 0x{spi:08x}")
         if length > len(pkt):
@@ -260,6 +358,21 @@ class EspDecoder:
             pkt = pkt[:length]  # drop link-layer padding after the IP packet
         result: DecryptResult | None = None
         for c in candidates:
+            result = self._open(c, pkt, spi, seq_lo, pos, header_len, proto_at, buf, out, at)
+            if result.status != ICV_FAIL:
+                return result
+        assert result is not None
+        return result
+
+    def _open_group(self, ctx: _Context, src: bytes, pkt: memoryview, spi: int, seq_lo: int, pos: int,
+                    header_len: int, proto_at: int, buf: bytearray, out: memoryview, at: int
+                    ) -> DecryptResult:
+        """Several SAs on this (destination, SPI): those from the packet's source first, then the
+        rest, until one's ICV verifies."""
+        group = [ctx, *ctx.others]
+        group.sort(key=lambda c: c.src != src and c.src is not None)
+        result: DecryptResult | None = None
+        for c in group:
             result = self._open(c, pkt, spi, seq_lo, pos, header_len, proto_at, buf, out, at)
             if result.status != ICV_FAIL:
                 return result
@@ -304,7 +417,7 @@ class EspDecoder:
         if end < 0:
             return DecryptResult(BAD_PADDING, spi, seq, next_header=next_header, sa=ctx.sa,
                                  detail=f"pad length {pad_len} exceeds the {n}-byte payload")
-        status, detail = OK, ""
+        status, detail = OK if t.authenticated else OK_UNVERIFIED, ""
         if not buf.startswith(_PADS[pad_len], dest + end):
             status, detail = BAD_PADDING, "padding bytes are not 1, 2, 3, ... (wrong key without integrity?)"
         if next_header == IPPROTO_NONE:

@@ -20,10 +20,12 @@ from ipsec_capture.wire import IPPROTO_ESP
 from ipsec_capture.xfrm.sa import MODE_UNKNOWN
 
 from .decoder import (
+    DECRYPTED,
     IP4_ESP,
     NO_SA,
     NOT_ESP,
     OK,
+    OK_UNVERIFIED,
     ROOM,
     STATUSES,
     TUNNEL_HEADERS,
@@ -61,21 +63,26 @@ class DecryptSummary:
 
     packets: int = 0
     not_esp: int = 0
-    per_sa: dict[tuple[str, int], SaTally] = field(default_factory=dict)
+    per_sa: dict[tuple, SaTally] = field(default_factory=dict)
 
     def add(self, result: DecryptResult, packet: bytes | memoryview) -> None:
+        """Count one packet: its result, and the result of every ESP layer inside it."""
         self.packets += 1
         if result.status == NOT_ESP:
             self.not_esp += 1
             return
-        counts = self.counts_for(result, packet)
-        counts[result.status] = counts.get(result.status, 0) + 1
+        while result is not None:
+            counts = self.counts_for(result, packet)
+            counts[result.status] = counts.get(result.status, 0) + 1
+            result = result.layer
 
     def counts_for(self, result: DecryptResult, packet: bytes | memoryview) -> dict[str, int]:
         """The counts of the SA (or unknown SPI) of an ESP result, its tally created on first use
-        (named from `packet` when there is no SA)."""
+        (named from `packet` when there is no SA). SAs sharing a destination and SPI (marks) are
+        counted apart; a key for any SPI is counted per SPI it opened."""
         sa = result.sa
-        key = (sa.dst, sa.spi) if sa is not None else ("", result.spi or 0)
+        key = (sa.src, sa.dst, sa.spi or result.spi or 0, sa.mark) if sa is not None \
+            else ("", "", result.spi or 0, None)
         tally = self.per_sa.get(key)
         if tally is None:
             tally = self.per_sa[key] = _tally(result, packet)
@@ -115,12 +122,20 @@ class DecryptSummary:
     def format_text(self) -> str:
         """One line per SA, then the totals: what a user reads after `decrypt`."""
         lines = []
-        for t in sorted(self.per_sa.values(), key=lambda t: (t.dst, t.spi)):
+        for t in sorted(self.per_sa.values(), key=lambda t: (t.dst, t.spi, t.src)):
             counts = ", ".join(f"{k} {v}" for k, v in sorted(t.counts.items(), key=lambda kv: -kv[1]))
             alg = f" {t.algorithm}" if t.algorithm else ""
             lines.append(f"SPI 0x{t.spi:08x} {t.src} -> {t.dst}{alg}: {counts}")
-        totals = ", ".join(f"{k} {v}" for k, v in self.totals().items())
-        lines.append(f"{self.packets} packets: {totals or 'none'}")
+        totals = self.totals()
+        text = ", ".join(f"{k} {v}" for k, v in totals.items())
+        esp = sum(v for k, v in totals.items() if k != NOT_ESP)
+        if esp > self.packets - self.not_esp:
+            text += " (counted per ESP layer: ESP inside ESP)"
+        lines.append(f"{self.packets} packets: {text or 'none'}")
+        if totals.get(OK_UNVERIFIED):
+            lines.append(f"{totals[OK_UNVERIFIED]} decrypted without an integrity check (ok-unverified: the "
+                         "SA has no integrity, or the key file holds no integrity key): their content "
+                         "is not proven")
         return "\n".join(lines)
 
 
@@ -131,7 +146,7 @@ def _tally(result: DecryptResult, packet: bytes | memoryview) -> SaTally:
         name = alg.name if alg else ""
         if sa.auth is not None and sa.aead is None:
             name += f"+{sa.auth.name}" if name else sa.auth.name
-        return SaTally(sa.spi, sa.src, sa.dst, name)
+        return SaTally(sa.spi or result.spi or 0, sa.src, sa.dst, name)
     head = esp_header(packet)  # no SA: name the addresses from the packet itself
     src, dst = (head.src, head.dst) if head else ("?", "?")
     return SaTally(result.spi or 0, src, dst, "unknown SA" if result.status == NO_SA else "")
@@ -141,25 +156,30 @@ def comment_parts(result: DecryptResult) -> tuple[str, str]:
     """The comment of an ESP result around its sequence number: `before + str(seq) + after`.
     Everything but the number repeats for every packet of an SA with the same result (and next
     header: an SA whose mode the key file did not say is tunnel for an inner IP packet, as the
-    decoder decides)."""
+    decoder decides). A result with ESP layers inside (`layer`) names only its own here."""
     before = f"ESP SPI 0x{(result.spi or 0):08x} seq "
     after = f": {result.status}"
-    if result.status == OK and result.inner_len >= 0:
+    if result.status in DECRYPTED and result.inner_len >= 0:
         mode = result.sa.mode if result.sa else ""
         tunnel = mode == "tunnel" or (mode == MODE_UNKNOWN and result.next_header in TUNNEL_HEADERS)
-        after += " (decrypted, inner packet)" if tunnel \
-            else " (decrypted, transport payload under the outer header)"
+        what = "inner packet" if tunnel else "transport payload under the outer header"
+        after += f" (decrypted, {what})" if result.status == OK \
+            else f" (decrypted, {what}; ICV not checked)"
     if result.detail:
         after += f" - {result.detail}"
     return before, after
 
 
 def comment_for(result: DecryptResult) -> str | None:
-    """The packet comment in OUT: SPI, sequence number and result (None for non-ESP)."""
+    """The packet comment in OUT: SPI, sequence number and result of each ESP layer, outermost
+    first (None for non-ESP)."""
     if result.status == NOT_ESP:
         return None
-    before, after = comment_parts(result)
-    return f"{before}{result.seq}{after}"
+    parts = []
+    for layer in result.layers():
+        before, after = comment_parts(layer)
+        parts.append(f"{before}{layer.seq}{after}")
+    return "; ".join(parts)
 
 
 def output_record(record: Record, result: DecryptResult) -> Record:
@@ -243,6 +263,9 @@ def decrypt_to_writer(records: Iterable[Record], decoder: EspDecoder, summary: D
                 summary.packets += 1
                 summary.not_esp += 1
                 comment = b""
+            elif result.layer is not None:  # ESP in ESP: every layer counted and named (rare)
+                summary.add(result, payload)
+                comment = (comment_for(result) or "").encode()
             else:
                 key = (status, result.spi, result.detail, inner_len < 0, result.next_header)
                 kind = kinds.get(key)

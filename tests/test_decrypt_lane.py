@@ -18,13 +18,14 @@ from ipsec_capture.capture.pcapng import PcapngWriter
 from ipsec_capture.decrypt.decoder import EspDecoder
 from ipsec_capture.decrypt.pipeline import DecryptSummary, comment_for, decrypt_records, decrypt_to_writer
 from ipsec_capture.models import Record
-from ipsec_capture.xfrm.sa import ESN_UNKNOWN, MODE_UNKNOWN, SA, Replay
+from ipsec_capture.xfrm.sa import AUTH_UNCHECKED, ESN_UNKNOWN, MODE_UNKNOWN, SA, Algorithm, Replay
 from tests.support.esp_build import SUITES, Keys, make_sa, outer, seal
 
 A4, B4, A6, B6 = "192.0.2.1", "192.0.2.2", "2001:db8::1", "2001:db8::2"
 T0 = 1_700_000_000_000_000_000
 ROLL = 1 << 32
 GCM16, GCM8, CCM12, CHACHA, CBC = SUITES[0], SUITES[2], SUITES[9], SUITES[11], SUITES[12]
+NULL_SHA256 = next(s for s in SUITES if s.label == "null-sha256")
 
 
 def _gcm_plain(keys: Keys, spi: int, seq: int, plain: bytes) -> bytes:
@@ -37,7 +38,8 @@ def _gcm_plain(keys: Keys, spi: int, seq: int, plain: bytes) -> bytes:
 
 def _pool() -> tuple[list[tuple[str, bytes, int]], list[SA]]:
     """(point, packet, original length) of every kind the two paths must agree on, and the SAs."""
-    gcm, chacha, ccm, gcm8, cbc, esn = (Keys.random(s) for s in (GCM16, CHACHA, CCM12, GCM8, CBC, GCM16))
+    gcm, chacha, ccm, gcm8, cbc, esn, pair_a, pair_b, nullsha = (
+        Keys.random(s) for s in (GCM16, CHACHA, CCM12, GCM8, CBC, GCM16, GCM16, GCM16, NULL_SHA256))
     inner4 = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=2) / Raw(b"four"))
     inner6 = bytes(IPv6(src="fd00::1", dst="fd00::2") / UDP(sport=1, dport=2) / Raw(b"six"))
     udp = bytes(UDP(sport=4000, dport=5000) / Raw(b"transport payload"))
@@ -74,6 +76,19 @@ def _pool() -> tuple[list[tuple[str, bytes, int]], list[SA]]:
     for seq in (ROLL - 2, ROLL + 1):
         add("esp", outer(seal(esn, 0x303, seq, inner4, 4, esn=True), A4, B4))
     add("esp", outer(seal(gcm, 0x999, 1, inner4, 4), A4, B4))  # no SA
+    # ESP inside ESP: the lane's SA carries a tunnel whose inner packet is ESP of a known SA
+    # (both layers opened), of an unknown one (outer only), and with a bad inner ICV
+    inner_esp = outer(seal(chacha, 0x102, 9, inner4, 4), "10.9.0.1", B4)
+    add("esp", outer(seal(gcm, 0x101, 13, inner_esp, 4), A4, B4))
+    add("esp", outer(seal(gcm, 0x101, 14, outer(seal(gcm, 0x998, 1, inner4, 4), "10.9.0.1", B4), 4), A4, B4))
+    broken = bytearray(inner_esp)
+    broken[-1] ^= 1
+    add("esp", outer(seal(gcm, 0x101, 15, bytes(broken), 4), A4, B4))
+    # two SAs on one (destination, SPI) told apart by mark, keyed per source (Cilium), and a key
+    # file's SA with an unchecked ICV (ok-unverified)
+    for seq, src in ((1, A4), (2, "192.0.2.77"), (3, A4)):
+        add("esp", outer(seal(pair_a if src == A4 else pair_b, 0x505, seq, inner4, 4), src, B4))
+    add("esp", outer(seal(nullsha, 0x606, 1, inner4, 4), A4, B4))
     add("clear", bytes(IP(src=A4, dst=B4) / UDP(sport=500, dport=500) / Raw(b"ike")))
     unknown = make_sa(gcm, 0x101, A4, B4)
     unknown.mode = MODE_UNKNOWN
@@ -82,6 +97,12 @@ def _pool() -> tuple[list[tuple[str, bytes, int]], list[SA]]:
            make_sa(gcm8, 0x104, A4, B4, mode="tunnel"), make_sa(cbc, 0x202, A6, B6, mode="tunnel"),
            make_sa(cbc, 0x204, A4, B4, mode="tunnel"),
            make_sa(esn, 0x303, A4, B4, mode="tunnel", esn=True, replay=Replay(seq=ROLL - 40 & 0xFFFFFFFF))]
+    a = make_sa(pair_a, 0x505, A4, B4, mode="tunnel")
+    b = make_sa(pair_b, 0x505, "192.0.2.77", B4, mode="tunnel")
+    a.mark, b.mark = (0xD00 | 1 << 16, 0xFFFF0F00), (0xD00 | 2 << 16, 0xFFFF0F00)
+    unchecked = make_sa(nullsha, 0x606, A4, B4, mode="tunnel")  # its HMAC key unknown: ICV skipped
+    unchecked.auth = Algorithm(AUTH_UNCHECKED, trunc_bits=128)
+    sas += [a, b, unchecked]
     return pool, sas
 
 
@@ -138,6 +159,9 @@ def test_every_kind_in_order_and_the_lane_is_taken() -> None:
     assert got == _reference(records)
     assert calls[0x102] >= 2 and calls[0x204] >= 3  # every ok packet after each SA's first
     assert decoder.lane(key | 0x101) is not None
-    assert got[1]["totals"]["ok"] > 0 and got[1]["totals"]["icv-fail"] == 4
+    totals = got[1]["totals"]
+    assert totals["ok"] > 0 and totals["icv-fail"] == 6 and totals["ok-unverified"] == 2
+    assert any(t["spi"] == "0x00000505" and t["src"] == "192.0.2.77" for t in got[1]["sas"])  # by mark
+    assert b": ok (decrypted, inner packet); ESP SPI 0x00000102 seq 9: ok (decrypted, inner packet)" in got[0]
     assert b"(decrypted, inner packet)" in got[0]
     assert b"(decrypted, transport payload under the outer header)" in got[0]

@@ -72,7 +72,8 @@ def test_every_algorithm_and_layout(suite, layout) -> None:
     esp = seal(keys, SPI, 42, payload, nh)
     dec = EspDecoder([make_sa(keys, SPI, *out_fam, mode=mode, natt=natt)])
     res = dec.decrypt(outer(esp, *out_fam, natt=natt))
-    assert (res.status, res.spi, res.seq, res.next_header) == ("ok", SPI, 42, nh), res.detail
+    ok = "ok" if suite.aead or suite.auth else "ok-unverified"  # nothing checks an SA without integrity
+    assert (res.status, res.spi, res.seq, res.next_header) == (ok, SPI, 42, nh), res.detail
     assert res.inner == expected
 
 
@@ -84,7 +85,8 @@ def test_esn_every_algorithm(suite) -> None:
     inner, nh = tunnel_inner(V4, b"esn")
     sa = make_sa(keys, SPI, *V4, mode="tunnel", esn=True, replay=Replay(seq_hi=3, seq=10, window=32))
     res = EspDecoder([sa]).decrypt(outer(seal(keys, SPI, seq, inner, nh, esn=True), *V4))
-    assert (res.status, res.seq, res.inner) == ("ok", seq, inner), res.detail
+    ok = "ok" if suite.aead or suite.auth else "ok-unverified"
+    assert (res.status, res.seq, res.inner) == (ok, seq, inner), res.detail
 
 
 @pytest.mark.parametrize("label", ["gcm128-icv16", "aescbc128-sha256", "ccm128-icv8", "chacha20poly1305"])
@@ -109,7 +111,7 @@ def test_esn_without_integrity_uses_the_window_rule() -> None:
     inner, nh = tunnel_inner(V4, b"n")
     for seq in [(5 << 32) | 0xFFFFFF10, (6 << 32) | 2, (6 << 32) | 0x100]:
         res = dec.decrypt(outer(seal(keys, SPI, seq, inner, nh, esn=True), *V4))
-        assert (res.status, res.seq, res.inner) == ("ok", seq, inner)
+        assert (res.status, res.seq, res.inner) == ("ok-unverified", seq, inner)
 
 
 @pytest.mark.parametrize("label", sorted(SCAPY_NAMES))
@@ -171,7 +173,7 @@ def test_rfc3602_vectors(case) -> None:
     sa = SA(src="192.168.123.100", dst="192.168.123.3", spi=spi, mode=mode,
             enc=Algorithm("cbc(aes)", bytes.fromhex(key)))
     res = EspDecoder([sa]).decrypt(outer(bytes.fromhex(esp_hex), "192.168.123.100", "192.168.123.3"))
-    assert (res.status, res.seq, res.next_header) == ("ok", seq, nh), res.detail
+    assert (res.status, res.seq, res.next_header) == ("ok-unverified", seq, nh), res.detail  # no integrity
     payload = bytes.fromhex(payload_hex)
     assert (res.inner if mode == "tunnel" else res.inner[20:]) == payload
 
@@ -280,7 +282,8 @@ def test_key_file_sas_decide_tunnel_or_transport_per_packet() -> None:
     from tests.support.synthetic import esp4, gcm_sa, udp4
 
     key = os.urandom(20)
-    sas = read_esp_sa(write_esp_sa([gcm_sa(0x1234, "192.0.2.1", "192.0.2.2", key)], 8))
+    # a table of Wireshark's alone (no ipsec-capture lines, which would say the mode)
+    sas = read_esp_sa(write_esp_sa([gcm_sa(0x1234, "192.0.2.1", "192.0.2.2", key)], 8, ours=False))
     assert sas[0].mode == ""
     inner = udp4("10.1.0.1", "10.2.0.1", 77, b"tunnelled")
     res = EspDecoder(sas).decrypt(esp4("192.0.2.1", "192.0.2.2", 0x1234, 9, inner, key))
@@ -308,14 +311,14 @@ def test_esn_found_by_the_icv_when_the_key_file_cannot_say(label: str) -> None:
 
     keys = Keys.random(next(s for s in SUITES if s.label == label))
     sa = make_sa(keys, SPI, *V4, mode="tunnel", esn=True)
-    loaded = read_esp_sa(write_esp_sa([sa], 8))
+    loaded = read_esp_sa(write_esp_sa([sa], 8, ours=False))  # Wireshark's columns alone
     assert not loaded[0].esn
     dec = EspDecoder(loaded)
     inner, nh = tunnel_inner(V4, b"esn, unsaid")
     got = [dec.decrypt(outer(seal(keys, SPI, s, inner, nh, esn=True), *V4)) for s in (1, 2, 3)]
     assert [(r.status, r.seq, r.inner) for r in got] == [("ok", s, inner) for s in (1, 2, 3)]
     plain = make_sa(keys, SPI + 1, *V4, mode="tunnel")  # and a 32-bit SA stays 32-bit
-    dec = EspDecoder(read_esp_sa(write_esp_sa([plain], 8)))
+    dec = EspDecoder(read_esp_sa(write_esp_sa([plain], 8, ours=False)))
     res = dec.decrypt(outer(seal(keys, SPI + 1, 5, inner, nh), *V4))
     assert (res.status, res.seq, res.inner) == ("ok", 5, inner)
 
@@ -332,7 +335,7 @@ def test_decrypt_into_writes_only_in_its_room(suite, mode: str) -> None:
     at, fill = 100, 0xEE
     buf = bytearray([fill]) * (at + len(pkt) + ROOM + 100)
     result = EspDecoder([sa]).decrypt_into(pkt, buf, memoryview(buf), at)
-    assert result.status == "ok" and result.inner is None
+    assert result.status == ("ok" if suite.aead or suite.auth else "ok-unverified") and result.inner is None
     assert bytes(buf[at:at + result.inner_len]) == EspDecoder([sa]).decrypt(pkt).inner
     assert set(buf[:at - HEADROOM]) == {fill}
     assert set(buf[at + len(pkt) + ROOM:]) == {fill}

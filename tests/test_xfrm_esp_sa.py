@@ -53,8 +53,11 @@ def test_undecryptable_aead_warns_and_stays_loadable(alg, needle):
     (warning,) = warnings_for(sas, 8)
     assert needle in warning and "0x00000008" in warning
     text = write_esp_sa(sas, 8)
-    assert '"NULL",""' in text and "ANY 128 bit authentication [no checking]" in text
-    assert alg.key.hex() not in text  # no key for a row Wireshark cannot use
+    row = text.splitlines()[-1]
+    assert '"NULL",""' in row and "ANY 128 bit authentication [no checking]" in row
+    assert alg.key.hex() not in row  # no key for a row Wireshark cannot use
+    (back,) = read_esp_sa(text)  # ... but our own line before it keeps the whole SA
+    assert (back.aead, back.spi) == (alg, 8)
 
 
 def test_ten_columns_carry_esn():

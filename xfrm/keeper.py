@@ -4,7 +4,10 @@ IKE daemons rekey every hour or so, and MOBIKE moves SAs: a table dumped once at
 the SAs that carry the end of the capture. The keeper subscribes to the XFRM monitor *before*
 dumping (so nothing slips between dump and subscription), writes the table, and rewrites it
 atomically (0600) whenever an SA appears or changes. Deleted SAs stay in the table: packets
-captured before the delete still need their keys.
+captured before the delete still need their keys. Every row comes with its `# ipsec-capture-sa`
+line (esp_sa.py), so the table keeps what `ipsec-capture decrypt` needs of every SA, also where
+Wireshark has no name for the algorithm. SAs sharing a destination and SPI but not a mark
+(Cilium's per-pair inbound states) are kept apart.
 """
 
 from __future__ import annotations
@@ -20,6 +23,11 @@ from .netlink import dump_states
 from .sa import SA
 
 
+def _key(sa: SA) -> tuple:
+    """An SA's identity in the kernel: (daddr, SPI, proto) and its mark (xfrm_state_lookup)."""
+    return (*sa.key_id, sa.mark)
+
+
 class KeyFileKeeper:
     """Companion for `start`: `start()` dumps and writes, then follows; `stop()` summarises."""
 
@@ -30,7 +38,7 @@ class KeyFileKeeper:
         self.path = os.fspath(path)
         self.netns = netns
         self.columns = columns_for(columns)
-        self._sas: dict[tuple[str, int, int], SA] = {}
+        self._sas: dict[tuple, SA] = {}
         self._lock = threading.Lock()
         self._monitor: XfrmMonitor | None = None
         self._thread: threading.Thread | None = None
@@ -43,7 +51,7 @@ class KeyFileKeeper:
     def start(self) -> None:
         self._monitor = XfrmMonitor(self.netns)  # subscribe first: no gap before the dump
         for sa in dump_states(self.netns):
-            self._sas[sa.key_id] = sa
+            self._sas[_key(sa)] = sa
         self._write()
         self._thread = threading.Thread(target=self._follow, name="ipsec-capture-keys", daemon=True)
         self._thread.start()
@@ -55,7 +63,7 @@ class KeyFileKeeper:
             if sa is None or kind not in ("sa-new", "sa-update", "sa-delete", "expire"):
                 continue
             with self._lock:
-                known = sa.key_id in self._sas
+                known = _key(sa) in self._sas
                 if kind == "sa-delete" or kind == "expire":
                     self.deletes += kind == "sa-delete"
                     if known:
@@ -64,7 +72,7 @@ class KeyFileKeeper:
                     self.rekeys += 1
                 else:
                     self.updates += 1
-                self._sas[sa.key_id] = sa
+                self._sas[_key(sa)] = sa
                 self._write()
 
     def _write(self) -> None:

@@ -1,34 +1,49 @@
-"""Load SAs with keys from a file whose format we detect: Wireshark's esp_sa (8 or 10 columns)
-or saved `ip [-s] xfrm state` output. Users have one or the other, and `decrypt --keys` and
-`keys --from-text` should not make them say which.
+"""Load SAs with keys from a file whose format we detect: Wireshark's esp_sa (8 or 10 columns,
+ours with its ipsec-capture lines, or strongSwan's save-keys table), saved `ip [-s] xfrm state`
+output, or tcpdump's `-E` secrets. Users have one or the other, and `decrypt --keys`,
+`report --keys` and `keys --from-text` should not make them say which.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from ipsec_capture.errors import UserError
 
 from .esp_sa import looks_like_esp_sa, read_esp_sa
 from .sa import SA
+from .tcpdump import looks_like_tcpdump, parse_tcpdump
 from .text import looks_like_states, parse_states
 
+FORMATS = ("a Wireshark esp_sa table", "`ip xfrm state` output", "tcpdump -E secrets")
 
-def parse_keys(text: str, name: str = "keys") -> list[SA]:
-    """SAs from the text of a key file, format detected."""
+
+def _empty(text: str) -> bool:
+    """Blank and `#` lines only: a table with no SA yet (a capture that saw none)."""
+    return all(not line.strip() or line.lstrip().startswith("#") for line in text.splitlines())
+
+
+def parse_keys(text: str, name: str = "keys", base: str | os.PathLike[str] | None = None) -> list[SA]:
+    """SAs from the text of a key file, format detected; `base` is where tcpdump's `file NAME`
+    entries are looked for."""
     if looks_like_esp_sa(text):
         return read_esp_sa(text)
     if looks_like_states(text):
         return parse_states(text)
-    raise UserError(f"{name}: neither a Wireshark esp_sa table nor `ip xfrm state` output "
-                    "(save keys with `ipsec-capture keys -w FILE` or `ip xfrm state > FILE`)")
+    if looks_like_tcpdump(text):
+        return parse_tcpdump(text, name, base)
+    if _empty(text):
+        return []
+    raise UserError(f"{name}: not {', '.join(FORMATS[:-1])} or {FORMATS[-1]} (save keys with "
+                    "`ipsec-capture keys -w FILE` or `ip xfrm state > FILE`)")
 
 
 def load_sas(path: str | os.PathLike[str]) -> list[SA]:
-    """SAs with keys from `path` (esp_sa or `ip xfrm state` text)."""
+    """SAs with keys from `path` (esp_sa, `ip xfrm state` text or tcpdump secrets)."""
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
             text = fh.read()
     except OSError as err:
         raise UserError(f"cannot read key file {os.fspath(path)}: {err.strerror}") from None
-    return parse_keys(text, os.fspath(path))
+    return parse_keys(text, os.fspath(path), Path(path).parent)

@@ -19,6 +19,11 @@ UDP_ENCAP_ESPINUDP = 2
 MODES = XFRM_MODES
 MODE_UNKNOWN = ""  # a source that does not say (Wireshark's esp_sa table)
 ESN_UNKNOWN = "esn-unknown"  # in SA.flags: a source that cannot say (an 8-column esp_sa table)
+# SA.auth name for an ICV of `trunc_bits` whose algorithm or key the source does not give (Wireshark's
+# `ANY n bit authentication [no checking]`, tcpdump's `-hmac96`): skipped, never checked
+AUTH_UNCHECKED = "unchecked"
+NULL_AUTH = ("digest_null", "null", "")  # no integrity at all: no ICV on the wire
+ANY_SPI = 0  # SA.spi of a key that applies to every SPI (tcpdump's `-E ALGO:KEY` without SPI@DST)
 # <linux/xfrm.h> XFRM_STATE_* flags
 STATE_FLAGS = {
     1: "noecn", 2: "decap-dscp", 4: "nopmtudisc", 8: "wildrecv", 16: "icmp", 32: "af-unspec",

@@ -261,7 +261,12 @@ def _flags(tokens: list[str], line: _Line, into: list[str]) -> None:
 def _algo(kind: str, tokens: list[str], line: _Line) -> Algorithm:
     if not tokens or (len(tokens) < 2 and kind in ("aead", "auth-trunc")):
         raise _fail(line, f"`{kind}` needs NAME KEY")
-    alg = Algorithm(tokens[0], _key(tokens[1], line) if len(tokens) > 1 else b"")  # null: no key
+    # iproute2 prints an empty key as nothing: `auth-trunc digest_null  0` (from `auth digest_null
+    # ''`), `enc ecb(cipher_null) `; the bits that follow the key then come second
+    keyless = kind in ("aead", "auth-trunc") and len(tokens) == 2 and tokens[1].isdigit()
+    if keyless:
+        tokens = [tokens[0], "", tokens[1]]
+    alg = Algorithm(tokens[0], _key(tokens[1], line) if len(tokens) > 1 and tokens[1] else b"")
     rest = tokens[2:]
     if kind in ("aead", "auth-trunc"):
         if len(rest) != 1:

@@ -13,9 +13,10 @@ import os
 import struct
 from dataclasses import dataclass
 
-from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+from cryptography.hazmat.decrepit.ciphers.algorithms import CAST5, Blowfish, Camellia, TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.cmac import CMAC
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.ipsec import ESP, SecurityAssociation
@@ -24,7 +25,13 @@ from scapy.packet import Raw
 from ipsec_capture.xfrm.sa import SA, Algorithm, Encap, Replay
 
 HMAC_DIGEST = {"hmac(md5)": "md5", "hmac(sha1)": "sha1", "hmac(sha256)": "sha256",
-               "hmac(sha384)": "sha384", "hmac(sha512)": "sha512"}
+               "hmac(sha384)": "sha384", "hmac(sha512)": "sha512", "hmac(rmd160)": "ripemd160",
+               "hmac(sm3)": "sm3"}
+# CBC ciphers: kernel name -> (cipher class, block bytes)
+CBC_CIPHERS = {"cbc(aes)": (algorithms.AES, 16), "cbc(des3_ede)": (TripleDES, 8),
+               "cbc(des)": (lambda k: TripleDES(k * 3), 8),
+               "cbc(blowfish)": (Blowfish, 8), "cbc(cast5)": (CAST5, 8), "cbc(camellia)": (Camellia, 16),
+               "cbc(sm4)": (algorithms.SM4, 16)}
 
 
 @dataclass
@@ -69,6 +76,16 @@ SUITES = [
     Suite("aesctr256-sha1", "rfc3686(ctr(aes))", 36, auth="hmac(sha1)", auth_key_len=20, trunc=12),
     Suite("null-sha256", "ecb(cipher_null)", 0, auth="hmac(sha256)", auth_key_len=32, trunc=16),
     Suite("null-sha512", "ecb(cipher_null)", 0, auth="hmac(sha512)", auth_key_len=64, trunc=32),
+    # the rest of what the kernel offers (net/xfrm/xfrm_algo.c) and `cryptography` can do
+    Suite("des-md5", "cbc(des)", 8, auth="hmac(md5)", auth_key_len=16, trunc=12),
+    Suite("blowfish128-sha1", "cbc(blowfish)", 16, auth="hmac(sha1)", auth_key_len=20, trunc=12),
+    Suite("blowfish448-noauth", "cbc(blowfish)", 56),
+    Suite("cast5-128-sha256", "cbc(cast5)", 16, auth="hmac(sha256)", auth_key_len=32, trunc=16),
+    Suite("camellia256-sha512", "cbc(camellia)", 32, auth="hmac(sha512)", auth_key_len=64, trunc=32),
+    Suite("sm4-sm3", "cbc(sm4)", 16, auth="hmac(sm3)", auth_key_len=32, trunc=32),
+    Suite("aescbc128-xcbc", "cbc(aes)", 16, auth="xcbc(aes)", auth_key_len=16, trunc=12),
+    Suite("aescbc128-cmac", "cbc(aes)", 16, auth="cmac(aes)", auth_key_len=16, trunc=12),
+    Suite("aescbc128-rmd160", "cbc(aes)", 16, auth="hmac(rmd160)", auth_key_len=20, trunc=12),
 ]
 
 
@@ -104,7 +121,37 @@ def make_sa(keys: Keys, spi: int, src: str, dst: str, *, mode: str = "transport"
 
 
 def _align(suite: Suite) -> int:
-    return {"cbc(aes)": 16, "cbc(des3_ede)": 8}.get(suite.enc, 4)
+    return CBC_CIPHERS[suite.enc][1] if suite.enc in CBC_CIPHERS else 4
+
+
+def xcbc_mac(key: bytes, data: bytes) -> bytes:
+    """AES-XCBC-MAC (RFC 3566 section 4) block by block with AES-ECB, as the RFC writes it."""
+    def aes(k: bytes, block: bytes) -> bytes:
+        return Cipher(algorithms.AES(k), modes.ECB()).encryptor().update(block)
+
+    k1, k2, k3 = (aes(key, bytes([b]) * 16) for b in (1, 2, 3))
+    blocks = [data[i:i + 16] for i in range(0, len(data), 16)] or [b""]
+    e = bytes(16)
+    for block in blocks[:-1]:
+        e = aes(k1, bytes(a ^ b for a, b in zip(block, e, strict=True)))
+    last = blocks[-1]
+    if len(last) == 16:
+        last = bytes(a ^ b for a, b in zip(last, k2, strict=True))
+    else:
+        padded = last + b"\x80" + bytes(15 - len(last))
+        last = bytes(a ^ b for a, b in zip(padded, k3, strict=True))
+    return aes(k1, bytes(a ^ b for a, b in zip(last, e, strict=True)))
+
+
+def mac(name: str, key: bytes, data: bytes) -> bytes:
+    """The full ICV of integrity algorithm `name` over `data`."""
+    if name == "xcbc(aes)":
+        return xcbc_mac(key, data)
+    if name == "cmac(aes)":
+        c = CMAC(algorithms.AES(key))
+        c.update(data)
+        return c.finalize()
+    return hmac.new(key, data, HMAC_DIGEST[name]).digest()
 
 
 def seal(keys: Keys, spi: int, seq: int, payload: bytes, next_header: int, *, iv: bytes | None = None,
@@ -129,12 +176,10 @@ def seal(keys: Keys, spi: int, seq: int, payload: bytes, next_header: int, *, iv
             ccm = AESCCM(keys.key[:-3], tag_length=s.icv)
             return header + iv + ccm.encrypt(keys.key[-3:] + iv, plain, aad)
         return header + iv + ChaCha20Poly1305(keys.key[:-4]).encrypt(keys.key[-4:] + iv, plain, aad)
-    if s.enc == "cbc(aes)":
-        iv = iv or os.urandom(16)
-        enc = Cipher(algorithms.AES(keys.key), modes.CBC(iv)).encryptor()
-    elif s.enc == "cbc(des3_ede)":
-        iv = iv or os.urandom(8)
-        enc = Cipher(TripleDES(keys.key), modes.CBC(iv)).encryptor()
+    if s.enc in CBC_CIPHERS:
+        cipher, block = CBC_CIPHERS[s.enc]
+        iv = iv or os.urandom(block)
+        enc = Cipher(cipher(keys.key), modes.CBC(iv)).encryptor()
     elif s.enc == "rfc3686(ctr(aes))":
         iv = iv or os.urandom(8)
         enc = Cipher(algorithms.AES(keys.key[:-4]), modes.CTR(keys.key[-4:] + iv + b"\0\0\0\1")).encryptor()
@@ -143,7 +188,7 @@ def seal(keys: Keys, spi: int, seq: int, payload: bytes, next_header: int, *, iv
     body = header + iv + (enc.update(plain) + enc.finalize() if enc else plain)
     if not s.auth:
         return body
-    icv = hmac.new(keys.auth_key, body + (seq_hi if esn else b""), HMAC_DIGEST[s.auth]).digest()
+    icv = mac(s.auth, keys.auth_key, body + (seq_hi if esn else b""))
     return body + icv[:s.trunc]
 
 
