@@ -168,3 +168,61 @@ def test_watch_refuses_a_busy_port_in_one_line(netns_pair: NetnsPair):
     assert proc.stderr.strip().splitlines()[-1].startswith("ipsec-capture: error: cannot listen on")
     assert "Traceback" not in proc.stderr
     assert "ipsec_capture" not in netfilter_state(netns_pair.a)
+
+
+ESP_SENDER = r"""
+import socket, struct, sys
+dst, spi, n = sys.argv[1], int(sys.argv[2], 0), int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, 50)
+for seq in range(1, n + 1):
+    s.sendto(struct.pack("!II", spi, seq) + b"\xa5" * 48, (dst, 0))
+"""
+
+
+@requires_root
+def test_flight_recorder_writes_a_bundle_around_an_incident(netns_pair: NetnsPair, tmp_path: Path):
+    from ipsec_capture.capture.pcapread import read_records
+    from ipsec_capture.decrypt.esp_header import esp_header
+
+    p = netns_pair
+    p.run("a", "ip", "xfrm", "policy", "add", "src", p.a4, "dst", p.b4, "proto", "udp", "dport", "9",
+          "dir", "out", "action", "block")
+    out = tmp_path / "bundles"
+    with watching(p.a, "--ring", "4", "--before", "4", "--after", "1", "--min-gap", "60",
+                  "--dir", str(out)) as w:
+        assert "flight recorder 4 MB" in w.wait_line(w.err, "ready")
+        p.run("b", sys.executable, "-c", ESP_SENDER, p.a4, "0x1234abcd", "5")
+        time.sleep(0.3)
+        send_udp(p, "a", p.b4, 2)  # the incident: policy-block
+        line = w.wait_line(w.out, '"policy-block"')
+        first = json.loads(line)
+        assert first["bundle"] and first["bundle"].startswith(str(out)), first
+        p.run("a", "ip", "xfrm", "policy", "add", "src", p.a4, "dst", p.b4, "proto", "udp", "dport", "10",
+              "dir", "out", "tmpl", "src", p.a4, "dst", p.b4, "proto", "esp", "mode", "transport")
+        code = ("import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                f"try: s.sendto(b'x', ('{p.b4}', 10))\nexcept OSError: pass\n")
+        p.run("a", "python3", "-c", code)  # a second incident within --min-gap: no bundle
+        second = json.loads(w.wait_line(w.out, '"no-sa-out"'))
+        assert second["bundle"] is None
+        deadline = time.monotonic() + 20
+        while not Path(first["bundle"]).with_suffix(".esp_sa").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        metrics = w.metrics()
+        assert "ipsec_capture_recorder_bundles_total 1.0" in metrics, metrics
+        assert "ipsec_capture_recorder_skipped_total 1.0" in metrics
+        w.proc.send_signal(signal.SIGTERM)
+        assert w.proc.wait(30) == 0
+    capture = Path(first["bundle"])
+    recs = [r for r in read_records(str(capture)) if r.point == "raw-pre-esp"]
+    heads = [esp_header(r.payload) for r in recs]
+    assert [(h.spi, h.seq) for h in heads if h] == [(0x1234abcd, s) for s in range(1, 6)], heads
+    log = capture.with_suffix(".events.jsonl")
+    events = [json.loads(x) for x in log.read_text().splitlines()]
+    assert events[0]["flight_recorder"]["incident"]["incident"] == "policy-block"
+    assert any(e.get("reason") == "XfrmOutPolBlock" for e in events[1:]), events
+    assert (capture.parent / (capture.stem + ".esp_sa")).stat().st_mode & 0o777 == 0o600
+    rep = subprocess.run([*CLI, "report", "--format", "json", str(capture)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert rep.returncode == 0, rep.stderr
+    assert "policy-block" in rep.stdout
+    assert len(list(out.glob("incident-*.pcapng"))) == 1

@@ -166,3 +166,17 @@ def test_listen_syntax():
     assert parse_listen("[::1]:80") == ("::1", 80)
     with pytest.raises(UserError, match="ADDR:PORT"):
         parse_listen("localhost")
+
+
+def test_ring_is_bounded_by_bytes_and_returns_a_window_in_time_order():
+    from ipsec_capture.models import Record
+    from ipsec_capture.watch.recorder import RECORD_OVERHEAD, Ring
+
+    size = 1000 + RECORD_OVERHEAD
+    ring = Ring(limit=10 * size)
+    for i in range(100):  # batches of two packets, 1000 bytes each
+        ring.add([Record(time_ns=i * 10 + 1, point="p", payload=b"x" * 1000),
+                  Record(time_ns=i * 10, point="p", payload=b"x" * 1000)])
+    assert ring.size <= 10 * size and ring.packets == 10 and ring.evicted == 190
+    got = ring.between(950, 991)
+    assert [r.time_ns for r in got] == [950, 951, 960, 961, 970, 971, 980, 981, 990, 991]

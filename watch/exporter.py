@@ -15,7 +15,9 @@ Metric names (all `ipsec_capture_*`):
   unattributed_failed_packets_total {netns,cause}: drops no SA could be named for;
   sa_lifecycle_total {netns,src,dst,event}: new, rekey, delete, expire-soft, expire-hard;
   incidents_total {netns,cause}; lost_total {netns,what}: our own losses;
-  source_up {netns,source}: 1 when the kernel event source is attached.
+  source_up {netns,source}: 1 when the kernel event source is attached;
+  recorder_bundles_total, recorder_skipped_total (rate limit), recorder_ring_bytes,
+  recorder_ring_packets, recorder_ring_evicted_total, recorder_ring_limit_bytes (with --ring).
 """
 
 from __future__ import annotations
@@ -90,7 +92,26 @@ class WatchCollector(Collector):
                 lost.add_metric([netns, what], n)
             for (netns, source), active in s.source_up.items():
                 up.add_metric([netns, source], 1 if active else 0)
+            rec = dict(s.recorder)
         yield from (packets, nbytes, failed, installed, xstat, unattr, life, incidents, lost, up)
+        if rec:
+            yield from _recorder_families(rec)
+
+
+def _recorder_families(rec: dict[str, int]) -> Iterator[Metric]:
+    helps = {"bundles": "Incident bundles the flight recorder wrote",
+             "skipped": "Incidents that got no bundle (rate limit --min-gap)",
+             "ring_evicted": "Packets that left the ring to make room"}
+    for key, text in helps.items():
+        fam = CounterMetricFamily(PREFIX + "recorder_" + key, text)
+        fam.add_metric([], rec.get(key, 0))
+        yield fam
+    gauges = {"ring_bytes": "Bytes of packets in the ring now", "ring_packets": "Packets in the ring now",
+              "ring_limit_bytes": "The ring's bound (--ring)"}
+    for key, text in gauges.items():
+        g = GaugeMetricFamily(PREFIX + "recorder_" + key, text)
+        g.add_metric([], rec.get(key, 0))
+        yield g
 
 
 def parse_listen(text: str) -> tuple[str, int]:

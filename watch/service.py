@@ -34,7 +34,7 @@ from ipsec_capture.bpf.sources import KernelEvents, SourceStatus, describe, plan
 from ipsec_capture.decrypt.esp_header import locate
 from ipsec_capture.errors import UserError, require_root
 from ipsec_capture.models import EncodedEvent, Event
-from ipsec_capture.netns import entered, netns_path
+from ipsec_capture.netns import entered, netns_inode, netns_path
 
 from .exporter import serve
 from .state import Incident, WatchState, local_address_test
@@ -222,7 +222,7 @@ class Watch:
             if o.ring_mb:
                 from .recorder import FlightRecorder
 
-                self.recorder = FlightRecorder(o, self.state)
+                self.recorder = FlightRecorder(o, self.state, clock)
                 stack.callback(self.recorder.close)
             if o.tap or o.ring_mb:
                 self._tap(stack)
@@ -236,6 +236,9 @@ class Watch:
                 self._say(f"ipsec-capture: {name}: {describe(plan)}")
                 for s in plan:
                     self.state.set_source(name, s.name, False)
+                if self.recorder is not None:
+                    self.recorder.sources[name] = [s.to_dict() for s in plan]
+                    self.recorder.inodes[name] = netns_inode(ns)
                 k = KernelEvents(EventSink(name, self.events, clock), o.kernel_events, ns,  # type: ignore[arg-type]
                                  poll_interval=o.stat_interval, progress=self._progress, plan=plan)
                 k.start()
@@ -298,6 +301,8 @@ class Watch:
         except (OSError, UserError) as err:
             self._progress(f"{label(ns)}: SA dump failed: {err}")
             return []
+        if self.recorder is not None:
+            self.recorder.remember_sas(label(ns), sas)
         return self.state.sync_sas(label(ns), sas)
 
     def _loop(self) -> None:
@@ -319,6 +324,8 @@ class Watch:
             except queue.Empty:
                 name, ev = "", None
             if ev is not None:
+                if self.recorder is not None:
+                    self.recorder.add_event(name, ev)
                 if ev.source == "xfrm_stat" and ev.kind == "counter":
                     self._emit(self._refresh(by_label.get(name)))  # per-SA counters first
                 self._emit(self.state.on_event(ev, name))

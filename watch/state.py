@@ -170,6 +170,7 @@ class WatchState:
         self.candidates: dict[str, deque[Candidate]] = {}
         self.recent_drops: deque[tuple[float, str, str]] = deque(maxlen=64)  # (t, cause, where)
         self._active: dict[tuple[str, str, SaKey | None], float] = {}  # incident key -> last drop
+        self.recorder: dict[str, int] = {}  # the flight recorder's own numbers (bundles, ring bytes)
         self.started = clock()
 
     # -- SAs -------------------------------------------------------------------------------------
@@ -387,6 +388,10 @@ class WatchState:
             have = self.xfrm_stat.setdefault(netns, {})
             for name, value in values.items():
                 have.setdefault(name, value)
+
+    def set_recorder(self, numbers: dict[str, int]) -> None:
+        with self.lock:
+            self.recorder = dict(numbers)
 
     def set_source(self, netns: str, source: str, active: bool) -> None:
         with self.lock:
