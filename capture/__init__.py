@@ -1,7 +1,8 @@
 """Packet capture: NFLOG messages from the kernel to Records, Records to pcapng, live status.
 
-Entry points: `start.run_start` (the `Capture` loop) behind `ipsec-capture start` (rules in, sockets open, sources
-attached, `ready`, capture until a signal, summary), `nflog.NflogReader` (the NETLINK_NETFILTER
+Entry points: `start.run_start` (the `Capture` loop) behind `ipsec-capture start` (rules in,
+sockets open, sources attached, `ready`, capture until a signal, summary), `rotate` (-C/-G/-W:
+the capture as a set of bundle parts, and a set read back as one), `nflog.NflogReader` (the NETLINK_NETFILTER
 socket), `nflog_tlv` (NFLOG TLVs -> Record, one learned shape per message layout), `pcapng`
 (our block writer, one interface per capture point, a comment per packet), `pcapread` (anyone's
 pcap/pcapng -> Records), `filters` (the user-space --host/--spi filter), `status` (the live line).

@@ -31,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Finds X.events.jsonl and X.esp_sa beside X.pcapng; works without them and says what it "
             "could not tell. Two captures from the two ends of a tunnel are also joined by (SPI, seq)."),
         epilog="Causes and the counters behind them: see the `causes` section of --format json.")
-    p.add_argument("captures", nargs="+", metavar="CAPTURE.pcapng", help="capture(s) written by `start`")
+    p.add_argument("captures", nargs="+", metavar="CAPTURE.pcapng",
+                   help="capture(s) written by `start`; the parts of a rotated capture (-C/-G, or a "
+                        "quoted glob of them) are read as one capture")
     p.add_argument("--format", choices=FORMATS, default="text", help="output format (default text)")
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout (html: required "
                    "unless stdout is redirected)")
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from . import report_html, report_json, report_text
     from .analysis import analyse
     from .api import LoadedBundle
-    from .bundle import open_bundle
+    from .bundle import open_parts
     from .summary import PacketFilter
 
     if args.limit < 0:
@@ -74,11 +76,14 @@ def run(args: argparse.Namespace) -> int:
 
         if args.cause not in CAUSES:
             raise UserError(f"unknown cause {args.cause!r}: choose from {', '.join(CAUSES)}")
-    events = _per_capture(args.events, len(args.captures), "events")
-    keys = _per_capture(args.keys, len(args.captures), "keys")
+    from ipsec_capture.capture.rotate import expand
+
+    captures = expand(args.captures)  # a rotated set (or a glob of one) is one capture
+    events = _per_capture(args.events, len(captures), "events")
+    keys = _per_capture(args.keys, len(captures), "keys")
     window_ns = int(args.window * 1e9)
     flt = PacketFilter(args.spi, args.verdict, args.cause, args.direction)
-    inputs = [open_bundle(c, e, k) for c, e, k in zip(args.captures, events, keys, strict=True)]
+    inputs = [open_parts(c, e, k) for c, e, k in zip(captures, events, keys, strict=True)]
     reports = [analyse(i, flt, args.limit, window_ns).to_dict() for i in inputs]
     peers = []
     if len(inputs) == 2:
