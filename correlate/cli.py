@@ -60,6 +60,21 @@ def _per_capture(values: list[str] | None, n: int, what: str) -> list[str | None
     return list(values)
 
 
+def _node_names(inputs: list) -> list[str]:
+    """A node's name: its host (from the events log) when every bundle names a different one,
+    else its capture's name; made unique."""
+    hosts = [i.header.get("host") for i in inputs]
+    use_hosts = all(hosts) and len(set(hosts)) == len(hosts)
+    names: list[str] = []
+    for i, host in zip(inputs, hosts, strict=True):
+        base = host if use_hosts else i.name
+        name, n = base, 2
+        while name in names:
+            name, n = f"{base}#{n}", n + 1
+        names.append(name)
+    return names
+
+
 def run(args: argparse.Namespace) -> int:
     from . import report_html, report_json, report_text
     from .analysis import analyse
@@ -86,16 +101,25 @@ def run(args: argparse.Namespace) -> int:
     inputs = [open_parts(c, e, k) for c, e, k in zip(captures, events, keys, strict=True)]
     reports = [analyse(i, flt, args.limit, window_ns).to_dict() for i in inputs]
     peers = []
+    fleet = None
     if len(inputs) == 2:
         a, b = (LoadedBundle(i, args.window) for i in inputs)
         peers.append(a.peer(b))
+    elif len(inputs) > 2:  # N nodes: joined by (destination, SPI, seq)
+        from .peer import join_fleet
+
+        loaded = [LoadedBundle(i, args.window) for i in inputs]
+        fleet = join_fleet(_node_names(inputs), [b.packets() for b in loaded], window_ns,
+                           path_limit=args.limit or 1_000_000)
     if args.format == "json":
-        text = report_json.render(reports, peers)
+        text = report_json.render(reports, peers, fleet)
     elif args.format == "html":
         text = report_html.render(reports, peers)
     else:
         text = "\n".join(report_text.render(r) for r in reports)
         text += "".join("\n" + report_text.render_peers(p) for p in peers)
+        if fleet is not None:
+            text += "\n" + report_text.render_fleet(fleet)
     if args.output:
         try:
             with open(args.output, "w", encoding="utf-8") as fh:
