@@ -16,6 +16,7 @@ Metric names (all `ipsec_capture_*`):
   sa_lifecycle_total {netns,src,dst,event}: new, rekey, delete, expire-soft, expire-hard;
   incidents_total {netns,cause}; lost_total {netns,what}: our own losses;
   source_up {netns,source}: 1 when the kernel event source is attached;
+  ready: 1 once every source is attached (the `ready` line; a readiness probe greps for it);
   recorder_bundles_total, recorder_skipped_total (rate limit), recorder_ring_bytes,
   recorder_ring_packets, recorder_ring_evicted_total, recorder_ring_limit_bytes (with --ring).
 """
@@ -68,6 +69,8 @@ class WatchCollector(Collector):
                                    "NFLOG sequence gaps)", labels=["netns", "what"])
         up = GaugeMetricFamily(PREFIX + "source_up", "1 when the kernel event source is attached",
                                labels=["netns", "source"])
+        ready = GaugeMetricFamily(PREFIX + "ready", "1 once every source is attached (the ready line)")
+        ready.add_metric([], 1 if s.ready else 0)
         with s.lock:
             for e in s.sas.values():
                 labels = list(e.labels())
@@ -93,7 +96,7 @@ class WatchCollector(Collector):
             for (netns, source), active in s.source_up.items():
                 up.add_metric([netns, source], 1 if active else 0)
             rec = dict(s.recorder)
-        yield from (packets, nbytes, failed, installed, xstat, unattr, life, incidents, lost, up)
+        yield from (packets, nbytes, failed, installed, xstat, unattr, life, incidents, lost, up, ready)
         if rec:
             yield from _recorder_families(rec)
 

@@ -253,6 +253,7 @@ class Watch:
             where = ", ".join(label(n) for n in o.netns)
             host, port = self.bound
             ring = (f"; flight recorder {o.ring_mb:g} MB, bundles into {o.dir}" if o.ring_mb else "")
+            self.state.ready = True
             self._say(f"ready: watching {where}; metrics on http://{host}:{port}/metrics{ring}")
             self._loop()
         self._say(f"ipsec-capture: watch stopped by {self._stop}")

@@ -171,6 +171,7 @@ class WatchState:
         self.recent_drops: deque[tuple[float, str, str]] = deque(maxlen=64)  # (t, cause, where)
         self._active: dict[tuple[str, str, SaKey | None], float] = {}  # incident key -> last drop
         self.recorder: dict[str, int] = {}  # the flight recorder's own numbers (bundles, ring bytes)
+        self.ready = False  # every source attached (what the `ready` line says; readiness probes)
         self.started = clock()
 
     # -- SAs -------------------------------------------------------------------------------------
