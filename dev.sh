@@ -18,6 +18,7 @@ APT_PACKAGES=(
   qemu-system-x86 busybox-static              # the kernel lab VM
   linux-image-amd64 linux-headers-amd64       # the lab's kernel (ESP, GCM, kprobes) and bcc's headers
   chromium                                    # the HTML report test takes a screenshot
+  prometheus                                  # `watch` tests: a real Prometheus server and promtool
   procps kmod ca-certificates iputils-ping ncat
 )
 

@@ -1,12 +1,13 @@
 """Packet capture: NFLOG messages from the kernel to Records, Records to pcapng, live status.
 
 Entry points: `start.run_start` (the `Capture` loop) behind `ipsec-capture start` (rules in,
-sockets open, sources attached, `ready`, capture until a signal, summary); `nflog.NflogReader`
-(the NETLINK_NETFILTER socket); `nflog_tlv` (NFLOG TLVs -> Record, one learned shape per
-message layout); `pcapng` (our block writer, one interface per capture point, a comment per
-packet); `pcapread` (anyone's pcap/pcapng -> Records); `filters` (the user-space --host/--spi
-filter); `status` (the live line); `esp_header` (where ESP is in a captured packet: the one
-parser that the filters, the decoder and the join share).
+sockets open, sources attached, `ready`, capture until a signal, summary); `rotate` (-C/-G/-W:
+the capture as a set of bundle parts, and a set read back as one); `nflog.NflogReader` (the
+NETLINK_NETFILTER socket); `nflog_tlv` (NFLOG TLVs -> Record, one learned shape per message
+layout); `pcapng` (our block writer, one interface per capture point, a comment per packet);
+`pcapread` (anyone's pcap/pcapng -> Records); `filters` (the user-space --host/--spi filter);
+`status` (the live line); `esp_header` (where ESP is in a captured packet: the one parser that
+the filters, the decoder and the join share).
 Data path: nflog socket -> Record -> pcapng (and, through the bundle, decrypt and report).
 May import: ipsec_capture (models, errors, bundle, netns, wire); rules (to install the capture
 points), bpf (the kernel event sources) and xfrm (the key keeper), lazily, from `start` and `cli`.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import Any
 
 from ipsec_capture.errors import UserError
 
@@ -72,6 +74,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-keys", action="store_true",
                    help="do not write FILE's .esp_sa (Wireshark keys of every SA, kept current "
                         "through rekeys; mode 0600)")
+    p.add_argument("-C", dest="rotate_mb", type=float, default=0.0, metavar="MB",
+                   help="rotate: start a new bundle part (FILE-0000.pcapng, -0001, ... each with its "
+                        "events log and key file) once a part holds MB (10^6 bytes), as tcpdump -C")
+    p.add_argument("-G", dest="rotate_seconds", type=float, default=0.0, metavar="SECONDS",
+                   help="rotate every SECONDS (with -C: whichever comes first)")
+    p.add_argument("-W", dest="rotate_count", type=int, default=0, metavar="COUNT",
+                   help="with -C/-G: keep only the newest COUNT parts (a ring; the oldest removed)")
     p.add_argument("--rcvbuf", type=int, default=None, help=argparse.SUPPRESS)  # tests: force overload
     p.set_defaults(func=cmd_start)
 
@@ -85,26 +94,69 @@ def cmd_start(args: argparse.Namespace) -> int:
     opts = StartOptions(group=args.group, write=args.write, points=points, backend=args.backend,
                         count=args.count, duration=args.duration, snaplen=args.snaplen,
                         netns=args.netns, rules=not args.no_rules, host=args.host, spi=args.spi,
-                        linktype=args.linktype, quiet=args.quiet, rcvbuf=args.rcvbuf)
+                        linktype=args.linktype, quiet=args.quiet, rcvbuf=args.rcvbuf,
+                        rotation=_rotation(args))
     return run_start(opts, json_out=args.json, companions=lambda capture: bundle_companions(
         capture, args.kernel_events, keys=not args.no_keys))
 
 
+def _rotation(args: argparse.Namespace) -> object | None:
+    if not (args.rotate_mb or args.rotate_seconds or args.rotate_count):
+        return None
+    from .rotate import Rotation
+
+    rot = Rotation(args.rotate_mb, args.rotate_seconds, args.rotate_count)
+    rot.validate()
+    return rot
+
+
 def bundle_companions(capture: Capture, kernel_events: str, keys: bool) -> list[Companion]:
     """The rest of the bundle beside the pcapng: the events log first (it may refuse a mode the
-    kernel cannot do, before any key file exists), then the key file keeper."""
+    kernel cannot do, before any key file exists), then the key file keeper. A rotated capture
+    (-C/-G) names the first part's companions and moves them on with every part."""
     from ipsec_capture.bundle import Bundle
 
     o = capture.opts
-    bundle = Bundle.for_capture(o.write)
+    rotating = o.rotation is not None and o.rotation.active
+    if rotating:
+        from .rotate import part_path
+
+        bundle = Bundle.for_capture(part_path(o.write, 0))
+    else:
+        bundle = Bundle.for_capture(o.write)
     out: list[Companion] = []
     if kernel_events != "off":
         from ipsec_capture.bpf.capture_events import CaptureEvents
 
+        kw = {}
+        if rotating:
+            kw["writer"] = _parted_log(capture)
         out.append(CaptureEvents(bundle.events, kernel_events, o.netns, stats=capture.stats_dict,
-                                 quiet=o.quiet))
+                                 quiet=o.quiet, **kw))
     if keys:
         from ipsec_capture.xfrm.keeper import KeyFileKeeper
 
-        out.append(KeyFileKeeper(bundle.keys, o.netns))
+        keeper = KeyFileKeeper(bundle.keys, o.netns)
+        out.append(keeper)
+        if rotating:
+            capture.rotate_hooks.append(lambda _i, path: keeper.retarget(Bundle.for_capture(path).keys))
     return out
+
+
+def _parted_log(capture: Capture) -> Callable[[str, dict], Any]:
+    """An events-log factory whose log follows the capture's parts."""
+    from ipsec_capture.bpf.capture_events import sa_snapshot_events
+    from ipsec_capture.bundle import Bundle
+    from ipsec_capture.netns import netns_inode
+
+    from .rotate import PartedEventLog
+
+    o = capture.opts
+    inode = netns_inode(o.netns)
+
+    def make(path: str, header: dict) -> PartedEventLog:
+        log = PartedEventLog(path, header, o.rotation, lambda: sa_snapshot_events(o.netns, inode))
+        capture.rotate_hooks.append(lambda i, part: log.rotate(i, Bundle.for_capture(part).events))
+        return log
+
+    return make

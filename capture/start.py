@@ -74,6 +74,7 @@ class StartOptions:
     linktype: str = "nflog"
     quiet: bool = False
     rcvbuf: int | None = None
+    rotation: Any = None  # capture/rotate.py Rotation: -C/-G/-W (None: one file)
 
 
 @dataclass(slots=True)
@@ -128,6 +129,8 @@ class Capture:
         self._created = False
         self._bytes = 0
         self._filter = build_filter(opts.host, opts.spi)
+        self.rotate_hooks: list[Callable[[int, str], None]] = []  # companions following the parts
+        self.parts: list[str] = []
         self._validate()
 
     def _validate(self) -> None:
@@ -162,18 +165,23 @@ class Capture:
             self._run(rs)
         except BaseException:
             if self._created and not self._announced:  # failed before `ready`: leave no empty bundle behind
-                for path in (o.write, *(c.path for c in self.companions)):
+                first = [] if o.rotation is None or not o.rotation.active else [self._first_part()]
+                for path in (o.write, *first, *(c.path for c in self.companions)):
                     with contextlib.suppress(OSError):
                         os.unlink(path)
             raise
         self.stats.bytes = self._bytes  # after close: the whole file
         return self.summary()
 
+    def _first_part(self) -> str:
+        from .rotate import part_path
+
+        return part_path(self.opts.write, 0)
+
     def _run(self, rs: Any) -> None:
         o = self.opts
         note = f"ipsec-capture start --group {o.group}" + (f" --netns {o.netns}" if o.netns else "")
-        with (PcapngWriter(o.write, linktype=o.linktype, snaplen=o.snaplen, ifname=_ifname_in(o.netns),
-                           comment=note) as writer,
+        with (self._open_writer(note) as writer,
               self._created_flag(),
               NflogReader(o.group, snaplen=o.snaplen, netns=o.netns, rcvbuf=o.rcvbuf) as reader):
             guard: AbstractContextManager[Any] = nullcontext()
@@ -186,6 +194,21 @@ class Capture:
             with guard:
                 self._capture(writer, reader, rs.points if rs else ())
         self._bytes = writer.committed
+        self.parts = list(getattr(writer, "parts", ()))
+
+    def _open_writer(self, note: str) -> PcapngWriter:
+        """One pcapng file, or with -C/-G a set of bundle parts (capture/rotate.py)."""
+        o = self.opts
+
+        def open_part(path: str) -> PcapngWriter:
+            return PcapngWriter(path, linktype=o.linktype, snaplen=o.snaplen, ifname=_ifname_in(o.netns),
+                                comment=note)
+
+        if o.rotation is None or not o.rotation.active:
+            return open_part(o.write)
+        from .rotate import RotatingWriter
+
+        return RotatingWriter(o.write, o.rotation, open_part, self.rotate_hooks)  # type: ignore[return-value]
 
     @contextlib.contextmanager
     def _created_flag(self) -> Iterator[None]:
@@ -293,8 +316,12 @@ class Capture:
         o = self.opts
         return {"file": o.write, "group": o.group, "netns": o.netns, "backend": self.backend,
                 "linktype": o.linktype, "stopped_by": self.stopped_by, **self.stats.as_dict(),
-                "companions": getattr(self, "companion_summaries", {}),
+                "companions": getattr(self, "companion_summaries", {}), **self._parts_summary(),
                 "complete": self.stats.lost == 0 and self.stats.enobufs == 0}
+
+
+    def _parts_summary(self) -> dict[str, Any]:
+        return {"parts": self.parts} if self.parts else {}
 
 
 def companion_line(comp: dict[str, Any]) -> str:
@@ -312,7 +339,9 @@ def companion_line(comp: dict[str, Any]) -> str:
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    lines = [f"{s['packets']} packets written to {s['file']} ({human_bytes(s['bytes'])}) in "
+    where = (f"{len(s['parts'])} parts {s['parts'][0]} .. {s['parts'][-1]}" if s.get("parts")
+             else s["file"])
+    lines = [f"{s['packets']} packets written to {where} ({human_bytes(s['bytes'])}) in "
              f"{s['duration_s']:.1f} s, stopped by {s['stopped_by']}"]
     for name, n in s["points"].items():
         lines.append(f"  {name:<16} {n}")

@@ -84,3 +84,33 @@ def open_bundle(capture: str | os.PathLike[str], events: str | os.PathLike[str] 
     return Inputs(name=cap.name, records=lambda: _read_records(path), events=event_stream, header=header,
                   sas=sas, capture_path=path, events_path=None if ev_path is None else os.fspath(ev_path),
                   keys_path=None if key_path is None else os.fspath(key_path), missing=missing)
+
+
+def open_parts(parts: list[str], events: str | os.PathLike[str] | None = None,
+               keys: str | os.PathLike[str] | None = None) -> Inputs:
+    """A rotated capture (capture/rotate.py: STEM-0000.pcapng, -0001, ...) as one Inputs: the
+    parts' packets and events one after the other, the union of their keys. One part is
+    `open_bundle`; explicit `events`/`keys` replace the parts' own, as there."""
+    if len(parts) == 1:
+        return open_bundle(parts[0], events, keys)
+    opened = [open_bundle(p, events if i == 0 else None, keys if i == 0 else None)
+              for i, p in enumerate(parts)]
+    first = opened[0]
+    sas: dict[Any, Any] = {}
+    for inp in opened:
+        for sa in inp.sas:
+            sas.setdefault(getattr(sa, "key_id", id(sa)), sa)
+    missing = list(dict.fromkeys(m for inp in opened for m in inp.missing))
+
+    def records() -> Iterator[Record]:
+        for inp in opened:
+            yield from inp.records()
+
+    def event_stream() -> Iterator[Event]:
+        for inp in opened if events is None else opened[:1]:
+            yield from inp.events()
+
+    return Inputs(name=f"{first.name} (+{len(parts) - 1} rotated parts)", records=records,
+                  events=event_stream, header=first.header, sas=list(sas.values()),
+                  capture_path=first.capture_path, events_path=first.events_path,
+                  keys_path=first.keys_path, missing=missing)

@@ -9,9 +9,14 @@ from typing import Any
 from .analysis import SCHEMA, SCHEMA_VERSION
 
 
-def document(reports: list[dict[str, Any]], peers: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"schema": SCHEMA, "version": SCHEMA_VERSION, "reports": reports, "peers": peers}
+def document(reports: list[dict[str, Any]], peers: list[dict[str, Any]],
+             fleet: dict[str, Any] | None = None) -> dict[str, Any]:
+    doc = {"schema": SCHEMA, "version": SCHEMA_VERSION, "reports": reports, "peers": peers}
+    if fleet is not None:  # three bundles or more: the N-node join (correlate/peer.py join_fleet)
+        doc["fleet"] = fleet
+    return doc
 
 
-def render(reports: list[dict[str, Any]], peers: list[dict[str, Any]]) -> str:
-    return json.dumps(document(reports, peers), indent=2, sort_keys=True) + "\n"
+def render(reports: list[dict[str, Any]], peers: list[dict[str, Any]],
+           fleet: dict[str, Any] | None = None) -> str:
+    return json.dumps(document(reports, peers, fleet), indent=2, sort_keys=True) + "\n"

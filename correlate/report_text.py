@@ -87,3 +87,25 @@ def render_peers(peer: dict[str, Any]) -> str:
         ["SPI", "path", "sent", "arrived", "lost", "ok at receiver", "failed at receiver", "unknown",
          "received, not seen sent"], rows)]
     return "\n".join(out) + "\n"
+
+
+def render_fleet(fleet: dict[str, Any], limit: int = 50) -> str:
+    """The N-node join (correlate/peer.py join_fleet): the node-pair matrix, then the paths of the
+    packets that were lost or failed."""
+    out = [f"== {len(fleet['nodes'])} nodes joined by (destination, SPI, seq): {', '.join(fleet['nodes'])}"]
+    rows = [[f"{r['from']} -> {r['to']}", str(r["sent"]), str(r["arrived"]), str(r["lost"]), str(r["ok"]),
+             _failed(r["failed"]), str(r["unknown"]), str(r["unsent"]), ",".join(r["spis"]) or "-"]
+            for r in fleet["matrix"]]
+    out += ["  " + line for line in _table(
+        ["pair", "sent", "arrived", "lost", "ok at receiver", "failed at receiver", "unknown",
+         "received, not seen sent", "SPIs"], rows)]
+    paths = fleet["paths"]
+    bad = [p for p in paths["listed"] if p["verdict"] != "ok"]
+    out.append(f"  {paths['total']} packet paths: {paths['lost']} lost, {paths['failed']} failed")
+    for p in bad[:limit]:
+        why = f" ({p['cause']})" if p.get("cause") else ""
+        out.append(f"    {p['spi']} seq {p['seq']} {p['src']} -> {p['dst']}: {p['from']} -> {p['to']}: "
+                   f"{p['verdict']}{why}")
+    if len(bad) > limit:
+        out.append(f"    ... {len(bad) - limit} more in --format json")
+    return "\n".join(out) + "\n"

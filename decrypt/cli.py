@@ -39,7 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                 "or saved `ip xfrm state` output; the format is detected. Example: "
                 "ipsec-capture decrypt out.pcapng -w clear.pcapng"),
     )
-    p.add_argument("input", metavar="IN", help="capture to read (pcap or pcapng)")
+    p.add_argument("input", metavar="IN", nargs="+",
+                   help="capture to read (pcap or pcapng); the parts of a rotated capture (start -C/-G, "
+                        "or a quoted glob of them) are read as one and written as one OUT")
     p.add_argument("--keys", metavar="KEYS",
                    help="key file (default: IN's companion .esp_sa, as `start` writes it)")
     p.add_argument("-w", "--write", metavar="OUT", required=True, help="pcapng to write")
@@ -74,14 +76,43 @@ def _keys_path(args: argparse.Namespace) -> Path:
     return companion
 
 
-def run(args: argparse.Namespace) -> int:
+def _parts(args: argparse.Namespace) -> list[str]:
+    """IN as parts: one capture, or the parts of one rotated set (capture/rotate.py)."""
+    from ipsec_capture.capture.rotate import expand
+
+    captures = expand(args.input)
+    if len(captures) != 1:
+        raise UserError(f"decrypt reads one capture (or one rotated set), not {len(captures)}: "
+                        "run it once per capture")
+    return captures[0]
+
+
+def _load_keys(args: argparse.Namespace, parts: list[str]) -> list:
+    """--keys, or the union of every part's key file (each part's table knows its SAs so far)."""
     from ipsec_capture.xfrm.keyfile import load_sas
 
-    if not Path(args.input).is_file():
-        raise UserError(f"cannot read {args.input}: no such file")
-    if Path(args.write).resolve() == Path(args.input).resolve():
-        raise UserError("OUT must differ from IN: decrypt writes a new file")
-    sas = load_sas(_keys_path(args))
+    if args.keys or len(parts) == 1:
+        return load_sas(_keys_path(args))
+    sas: dict = {}
+    for part in parts:
+        keys = Bundle.for_capture(part).keys
+        if keys.exists():
+            for sa in load_sas(keys):
+                sas[sa.key_id] = sa
+    if not sas:
+        raise UserError(f"no --keys given and no part of {parts[0]} .. {parts[-1]} has a key file")
+    return list(sas.values())
+
+
+def run(args: argparse.Namespace) -> int:
+    parts = _parts(args)
+    args.input = parts[0]
+    for part in parts:
+        if not Path(part).is_file():
+            raise UserError(f"cannot read {part}: no such file")
+        if Path(args.write).resolve() == Path(part).resolve():
+            raise UserError("OUT must differ from IN: decrypt writes a new file")
+    sas = _load_keys(args, parts)
     if not sas:
         raise UserError("the key file holds no SAs: nothing could be decrypted")
     from ipsec_capture.capture.pcapread import read_records
@@ -92,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     decoder = EspDecoder(sas)
     summary = DecryptSummary()
     started = time.monotonic()
-    jobs = args.jobs or auto_jobs(args.input)
+    jobs = 1 if len(parts) > 1 else args.jobs or auto_jobs(args.input)
 
     def progress(packets: int, ok: int) -> None:
         rate = packets / max(time.monotonic() - started, 1e-9)
@@ -108,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
 
             with PcapngWriter(args.write, linktype="raw") as writer:
                 # each record is written (or copied by the writer) before the next is read: borrow
-                decrypt_to_writer(read_records(args.input, borrow=True), decoder, summary, writer,
+                records = (rec for part in parts for rec in read_records(part, borrow=True))
+                decrypt_to_writer(records, decoder, summary, writer,
                                   point_namer(writer),
                                   None if args.quiet else tick, PROGRESS_EVERY)
     except OSError as err:

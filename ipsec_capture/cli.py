@@ -22,6 +22,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "ipsec_capture.bpf.cli": ("events",),
     "ipsec_capture.correlate.cli": ("report",),
     "ipsec_capture.lab.cli": ("lab",),
+    "ipsec_capture.watch.cli": ("watch",),
 }
 
 

@@ -19,7 +19,7 @@ from ipsec_capture.correlate.packet import IKE_POINTS, POINT_ROLES
 from ipsec_capture.rules.points import POINTS
 
 ROOT = Path(__file__).resolve().parent.parent
-ROOMS = ("ipsec_capture", "capture", "rules", "xfrm", "decrypt", "bpf", "correlate", "lab")
+ROOMS = ("ipsec_capture", "capture", "rules", "xfrm", "decrypt", "bpf", "correlate", "lab", "watch")
 DEFINED_ONCE = re.compile(r"^(IPPROTO_\w+|NATT?_T?_?PORT|IKE_PORT|SECOND|XFRM_MODES)\s*=\s*\d", re.M)
 
 

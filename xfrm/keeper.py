@@ -84,6 +84,13 @@ class KeyFileKeeper:
                 self._warned.add(line)
                 print(f"ipsec-capture: warning: {line}", file=sys.stderr)
 
+    def retarget(self, path: str | os.PathLike[str]) -> None:
+        """Write the table (every SA known so far) to `path` from now on: the next part of a
+        rotated capture (capture/rotate.py) gets its own key file."""
+        with self._lock:
+            self.path = os.fspath(path)
+            self._write()
+
     def stop(self) -> dict[str, Any]:
         if self._monitor is not None:
             self._monitor.close()
