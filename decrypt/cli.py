@@ -81,9 +81,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"cannot read {args.input}: no such file")
     if Path(args.write).resolve() == Path(args.input).resolve():
         raise UserError("OUT must differ from IN: decrypt writes a new file")
-    sas = load_sas(_keys_path(args))
-    if not sas:
-        raise UserError("the key file holds no SAs: nothing could be decrypted")
+    keys = _keys_path(args)
+    sas = load_sas(keys)
+    if not sas:  # a capture during which no SA existed writes such a table: still a bundle of ours
+        print(f"decrypt: {keys} holds no SAs (no keys were known): every ESP packet is written as it "
+              "came, counted no-sa", file=sys.stderr)
     from ipsec_capture.capture.pcapread import read_records
 
     from .parallel import auto_jobs, decrypt_parallel
@@ -106,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
             def tick(s: DecryptSummary) -> None:
                 progress(s.packets, s.totals().get("ok", 0))
 
-            with PcapngWriter(args.write, linktype="raw") as writer:
+            with PcapngWriter(args.write, linktype="raw", names_from_comments=True) as writer:
                 # each record is written (or copied by the writer) before the next is read: borrow
                 decrypt_to_writer(read_records(args.input, borrow=True), decoder, summary, writer,
                                   point_namer(writer),

@@ -14,12 +14,19 @@ from .sa import SA
 from .text import looks_like_states, parse_states
 
 
+def _empty(text: str) -> bool:
+    """Blank and `#` lines only: a table with no SA yet (a capture that saw none)."""
+    return all(not line.strip() or line.lstrip().startswith("#") for line in text.splitlines())
+
+
 def parse_keys(text: str, name: str = "keys") -> list[SA]:
     """SAs from the text of a key file, format detected."""
     if looks_like_esp_sa(text):
         return read_esp_sa(text)
     if looks_like_states(text):
         return parse_states(text)
+    if _empty(text):
+        return []
     raise UserError(f"{name}: neither a Wireshark esp_sa table nor `ip xfrm state` output "
                     "(save keys with `ipsec-capture keys -w FILE` or `ip xfrm state > FILE`)")
 
