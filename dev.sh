@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# dev.sh - the project's two entry points on a fresh Debian/Ubuntu machine (run as root):
+# dev.sh - the project's two entry points on a fresh Debian/Ubuntu machine (as root, or as a user
+# who may sudo: dev.sh runs itself again with sudo when it is not root):
 #   ./dev.sh demo   install what is needed, build the IPsec lab, capture it (VM if the kernel lacks ESP)
 #   ./dev.sh test   install what is needed, run the whole test suite (host + kernel lab VM)
 # and the helpers they use:
@@ -24,8 +25,16 @@ APT_PACKAGES=(
 
 say() { printf '[dev.sh] %s\n' "$*" >&2; }
 
-need_root() {
-  [ "$(id -u)" = 0 ] || { say "needs root (installs packages, creates network namespaces): sudo $0 $*"; exit 77; }
+# Root installs packages and creates network namespaces. A root shell (containers, cloud images,
+# CI) often has no sudo at all, so sudo is asked for only by a user who is not root.
+as_root() {
+  [ "$(id -u)" = 0 ] && return
+  if command -v sudo >/dev/null 2>&1; then
+    say "not root: running again as root with sudo"
+    exec sudo -- "$ROOT/dev.sh" "$@"
+  fi
+  say "needs root (installs packages, creates network namespaces), and sudo is not installed: run it as root"
+  exit 77
 }
 
 install_apt() {
@@ -62,8 +71,11 @@ install_venv() {
   fi
 }
 
-setup() { need_root "$@"; install_apt; install_venv; }
+setup() { install_apt; install_venv; }
 
+case "${1:-}" in
+  setup|demo|test|bench) as_root "$@" ;;
+esac
 case "${1:-}" in
   setup) setup setup ;;
   demo) setup demo; shift; exec "$PY" -m ipsec_capture.lab.demo "$@" ;;
@@ -75,5 +87,5 @@ case "${1:-}" in
     setup bench; shift
     [ $# -gt 0 ] || set -- capture decrypt correlate kprobes
     for b in "$@"; do "$PY" -m "bench.$b"; done ;;
-  *) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  *) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

@@ -31,6 +31,9 @@ from .kallsyms import Kallsyms
 
 SOURCE = "kfree_skb"
 INSTANCE_PREFIX = "ipsec_capture_"
+MOUNT_PREFIX = "ipsec_capture_tracefs_"  # + <pid>_<random>: a private tracefs mount point under /tmp
+# bcc's kprobe events when it falls back to tracefs' kprobe_events: `p:kprobes/p_xfrm_input_bcc_<pid>`
+_BCC_KPROBE = re.compile(r"^[pr]:(\S+/)?([pr]_(xfrm_\w+)_bcc_(\d+))\s", re.M)
 EVENT_DIR = "events/skb/kfree_skb"
 TRACE_CLOCK = "boot"
 # functions whose drops are IPsec's business (location symbol prefixes)
@@ -83,7 +86,7 @@ class Tracefs:
         self.owned = False
         path = _mounted_tracefs()
         if path is None:
-            path = tempfile.mkdtemp(prefix="ipsec_capture_tracefs_")
+            path = tempfile.mkdtemp(prefix=f"{MOUNT_PREFIX}{os.getpid()}_")  # the pid: for cleanup
             proc = subprocess.run(["mount", "-t", "tracefs", "nodev", path], capture_output=True, text=True)
             if proc.returncode != 0:
                 os.rmdir(path)
@@ -135,16 +138,92 @@ class Tracefs:
                 f.write(old)
 
 
+def _gone(pid: str) -> bool:
+    return pid.isdigit() and not os.path.exists(f"/proc/{pid}")
+
+
 def remove_stale_instances(tracefs: Tracefs) -> list[str]:
     """rmdir instances left by ipsec-capture processes that died (kill -9)."""
     removed = []
     base = os.path.join(tracefs.path, "instances")
     for name in os.listdir(base) if os.path.isdir(base) else []:
-        pid = name.removeprefix(INSTANCE_PREFIX)
-        if name.startswith(INSTANCE_PREFIX) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+        if name.startswith(INSTANCE_PREFIX) and _gone(name.removeprefix(INSTANCE_PREFIX)):
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.join(base, name))
                 removed.append(name)
+    return removed
+
+
+def stale_bcc_kprobes(kprobe_events: str) -> list[str]:
+    """`group/event` of bcc's kprobe events on xfrm functions whose process is gone (bcc names
+    them `p_<func>_bcc_<pid>`; it writes them into kprobe_events only where the kernel lacks the
+    perf kprobe PMU, and a killed process cannot take them out)."""
+    return [f"{m[1] or ''}{m[2]}" for m in _BCC_KPROBE.finditer(kprobe_events) if _gone(m[4])]
+
+
+def _remove_kprobes(tracefs: Tracefs) -> list[str]:
+    path = os.path.join(tracefs.path, "kprobe_events")
+    try:
+        with open(path) as f:
+            stale = stale_bcc_kprobes(f.read())
+    except OSError:  # no kprobes in this kernel
+        return []
+    removed = []
+    for event in stale:
+        with contextlib.suppress(OSError), open(path, "a") as f:
+            f.write(f"-:{event}\n")
+            removed.append(f"kprobe event {event}")
+    return removed
+
+
+def _our_mount_points() -> list[tuple[str, str]]:
+    """(path, owner pid or "") of the private mount point directories of ours under the temp dir."""
+    base = tempfile.gettempdir()
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        if name.startswith(MOUNT_PREFIX) and os.path.isdir(os.path.join(base, name)):
+            pid = name.removeprefix(MOUNT_PREFIX).split("_", 1)[0]
+            out.append((os.path.join(base, name), pid if pid.isdigit() else ""))
+    return out
+
+
+def _mounted(path: str) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(len(parts) >= 2 and parts[1] == path for parts in (line.split() for line in f))
+
+
+def cleanup_leftovers() -> list[str]:
+    """Everything a killed capture leaves on the tracefs side, removed: its instance
+    `ipsec_capture_<pid>`, bcc's kprobe events of its pid, and the private tracefs mount it made
+    under /tmp (unmounted, then its directory). Only what belongs to processes that are gone;
+    a mount point of an older ipsec-capture (no pid in its name) is removed only when nothing is
+    mounted on it. Returns one line per thing removed."""
+    removed: list[str] = []
+    try:
+        tracefs = Tracefs()
+    except (UserError, OSError):
+        tracefs = None
+    if tracefs is not None:
+        try:
+            removed += [f"tracefs instance {name}" for name in remove_stale_instances(tracefs)]
+            removed += _remove_kprobes(tracefs)
+        finally:
+            tracefs.close()
+    for path, pid in _our_mount_points():
+        if pid and not _gone(pid):
+            continue
+        if _mounted(path):
+            if not pid:
+                continue  # an older capture's: no owner to ask, so it stays while mounted
+            if subprocess.run(["umount", path], capture_output=True).returncode != 0:
+                continue  # busy: someone uses it
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+            removed.append(f"tracefs mount point {path}")
     return removed
 
 

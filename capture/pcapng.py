@@ -127,16 +127,21 @@ class PcapngWriter:
 
     def __init__(self, path: str | os.PathLike[str] | None, *, linktype: str = "nflog", snaplen: int = 262144,
                  application: str = "ipsec-capture", comment: str | None = None,
-                 ifname: Callable[[int], str] | None = None) -> None:
+                 ifname: Callable[[int], str] | None = None, names_from_comments: bool = False) -> None:
         """`path` None: no file and no section header; blocks collect in memory until `take()`,
-        for a caller that places them in a file itself (decrypt/parallel.py)."""
+        for a caller that places them in a file itself (decrypt/parallel.py).
+        `names_from_comments`: records read back from a capture name their devices as its
+        comments do (`in=NAME`), not as this host would (decrypt on another machine)."""
         if linktype not in LINKTYPES:
             raise UserError(f"unknown link type {linktype!r}: choose from {', '.join(LINKTYPES)}")
         self.path = os.fspath(path) if path is not None else None
         self.linktype = linktype
         self.snaplen = snaplen
         self._nflog = linktype == "nflog"
-        self._ifname = ifname or _ifname_lookup()
+        lookup = ifname or _ifname_lookup()
+        self._learned: dict[int, str] | None = {} if names_from_comments else None
+        learned = self._learned
+        self._ifname = lookup if learned is None else (lambda index: learned.get(index) or lookup(index))
         self._ifaces: dict[str, int] = {}
         self._opts: dict[tuple, _PointOptions] = {}
         # whole blocks not yet written: buf[:_used]. `buf` and `view` are public for callers that
@@ -241,10 +246,20 @@ class PcapngWriter:
         iid = self._ifaces.get(rec.point)
         if iid is None:
             iid = self.interface(rec.point or "unknown")
+        if self._learned is not None and rec.comment:
+            self._learn_names(rec)
         point_opts = self._encode_point_options(rec, iid)
         if len(self._opts) < 65536:
             self._opts[(rec.point, rec.hook, rec.indev, rec.outdev, rec.mark)] = point_opts
         return point_opts
+
+    def _learn_names(self, rec: Record) -> None:
+        """The device names of a record's own comment (`in=NAME out=NAME`, as we write them)."""
+        for word in rec.comment.split() if rec.comment else ():
+            if word.startswith("in=") and rec.indev:
+                self._learned[rec.indev] = word[3:]  # type: ignore[index]
+            elif word.startswith("out=") and rec.outdev:
+                self._learned[rec.outdev] = word[4:]  # type: ignore[index]
 
     def _encode_point_options(self, rec: Record, iid: int) -> _PointOptions:
         """Comment: the caller's text first, then where the packet was seen (point, devices, mark)

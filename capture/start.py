@@ -333,8 +333,11 @@ def companion_line(comp: dict[str, Any]) -> str:
         errors = f"; ERRORS: {'; '.join(comp['errors'])}" if comp.get("errors") else ""
         return f"{comp['written']} events in {comp['path']} (sources: {active}){errors}"
     if "sas_written" in comp:
+        unkeyed = comp.get("getspi_never_keyed", 0)
+        reserved = (f", {unkeyed} reserved SPI{'s' if unkeyed != 1 else ''} (GETSPI) never got keys"
+                    if unkeyed else "")
         return (f"{comp['sas_written']} ESP SAs in {comp['path']} ({comp['rekeys_seen']} new during "
-                f"the capture, {comp['deletes_seen']} deleted)")
+                f"the capture, counted when usable, {comp['deletes_seen']} deleted{reserved})")
     return json.dumps(comp, sort_keys=True)
 
 

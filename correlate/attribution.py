@@ -59,7 +59,7 @@ class CounterAttribution:
         self.history = history
         self.window_ns = window_ns
         self.clear_window_ns = clear_window_ns
-        self.last_poll: dict[int | None, int] = {}
+        self.last_poll: dict[int | None, tuple[int | None, int]] = {}  # netns -> (poll before, last poll)
         self.anchor_kinds = False  # an event of an anchor's kind came (fit 2 possible)
         # anchors not yet consumed by a delta, oldest first, per cause
         self._anchors: dict[str, list[Event]] = {}
@@ -81,13 +81,25 @@ class CounterAttribution:
         if delta <= 0:
             return None
         cause, direction = cause_for_counter(name)
-        since = self.last_poll.get(ev.netns)
+        since = self._since(ev.netns, ev.time_ns)
         inc = Incident(ev.time_ns, "xfrm_stat", name, cause, direction, ev.netns, delta=delta,
                        detail=f"{name} +{delta}")
         low = (since if since is not None else inc.time_ns - self.window_ns) - self.clear_window_ns
         self.deferred.append((inc, low))
-        self.last_poll[ev.netns] = ev.time_ns
         return inc
+
+    def _since(self, netns: int | None, t: int) -> int | None:
+        """The previous poll of the namespace: one poll writes a line per counter that moved, all
+        with its time, and each of them covers the same window since the poll before."""
+        polls = self.last_poll.get(netns)
+        if polls is None:
+            self.last_poll[netns] = (None, t)
+            return None
+        before, last = polls
+        if t == last:
+            return before
+        self.last_poll[netns] = (last, t)
+        return last
 
     def flush(self, limit: float) -> list[Incident]:
         """Attribute the deferred incidents whose poll window reaches back before `limit` (the
@@ -156,7 +168,7 @@ class CounterAttribution:
         candidates = self._candidates(inc, low, high)
         cause, delta = inc.cause, inc.delta
         if self.anchor_kinds:  # some packet may have fit 2: rank them all
-            ranked = [(f, p) for p in candidates if (f := self._fit(p, cause)) >= 0]
+            ranked = [(f, p) for p in candidates if (f := self._fit(p, cause, low, high)) >= 0]
             ranked.sort(key=lambda fp: -fp[0])
             anchored = [p for f, p in ranked if f == 2][:delta]
             anchors = self._anchors.get(cause)
@@ -202,12 +214,13 @@ class CounterAttribution:
                 continue
             yield p
 
-    def _fit(self, p: Packet, cause: str) -> int:
-        """2: an anchor of this cause; -1: an anchor of another cause (it is that one's drop)."""
+    def _fit(self, p: Packet, cause: str, low: int, high: int) -> int:
+        """2: an anchor of this cause in the poll window; -1: an anchor of another cause or of
+        another poll's window (the packet is that anchor's drop, counted there)."""
         for ev in p.events:
             anchored = ANCHOR_CAUSES.get(ev.kind)
             if anchored is not None and ev.source == "kprobe":
-                return 2 if anchored == cause else -1
+                return 2 if anchored == cause and low <= ev.time_ns <= high else -1
         return self._own_fit(p, cause)
 
     def _own_fit(self, p: Packet, cause: str) -> int:

@@ -77,6 +77,9 @@ def open_bundle(capture: str | os.PathLike[str], events: str | os.PathLike[str] 
         from ipsec_capture.xfrm.keyfile import load_sas
 
         sas = load_sas(key_path)
+        if not sas:  # `start` on a host where no SA existed writes a table of comments only
+            missing.append(f"{key_path.name} holds no SAs (no keys were known during the capture): "
+                           "cleartext is matched by addresses, IP ID and time")
     else:
         missing.append(f"no key file ({key_path.name}): cleartext is matched by addresses, IP ID and time")
         key_path = None

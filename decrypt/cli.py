@@ -94,13 +94,12 @@ def _load_keys(args: argparse.Namespace, parts: list[str]) -> list:
     if args.keys or len(parts) == 1:
         return load_sas(_keys_path(args))
     sas: dict = {}
-    for part in parts:
-        keys = Bundle.for_capture(part).keys
-        if keys.exists():
-            for sa in load_sas(keys):
-                sas[sa.key_id] = sa
-    if not sas:
+    files = [k for k in (Bundle.for_capture(part).keys for part in parts) if k.exists()]
+    if not files:
         raise UserError(f"no --keys given and no part of {parts[0]} .. {parts[-1]} has a key file")
+    for keys in files:
+        for sa in load_sas(keys):
+            sas[(*sa.key_id, sa.mark)] = sa
     return list(sas.values())
 
 
@@ -113,8 +112,9 @@ def run(args: argparse.Namespace) -> int:
         if Path(args.write).resolve() == Path(part).resolve():
             raise UserError("OUT must differ from IN: decrypt writes a new file")
     sas = _load_keys(args, parts)
-    if not sas:
-        raise UserError("the key file holds no SAs: nothing could be decrypted")
+    if not sas:  # a capture during which no SA existed writes such a table: still a bundle of ours
+        print(f"decrypt: {_keys_path(args)} holds no SAs (no keys were known): every ESP packet is "
+              "written as it came, counted no-sa", file=sys.stderr)
     from ipsec_capture.capture.pcapread import read_records
 
     from .parallel import auto_jobs, decrypt_parallel
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             def tick(s: DecryptSummary) -> None:
                 progress(s.packets, s.totals().get("ok", 0))
 
-            with PcapngWriter(args.write, linktype="raw") as writer:
+            with PcapngWriter(args.write, linktype="raw", names_from_comments=True) as writer:
                 # each record is written (or copied by the writer) before the next is read: borrow
                 records = (rec for part in parts for rec in read_records(part, borrow=True))
                 decrypt_to_writer(records, decoder, summary, writer,

@@ -143,7 +143,7 @@ def _work(path: str, k: int, jobs: int, block: int, decoder: EspDecoder, out: st
     with contextlib.suppress(OSError, AttributeError):  # and a parent killed outright takes us along
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     try:
-        writer = PcapngWriter(None, linktype="raw")
+        writer = PcapngWriter(None, linktype="raw", names_from_comments=True)
         worker = _Worker(k, jobs, block, out, conn, writer)
         # every worker reads the same file: one of them gives its warnings
         records = (read_records(path, borrow=True, share=worker.share) if k == 0

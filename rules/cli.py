@@ -71,8 +71,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = common(rsub.add_parser("cleanup", help="remove leftovers whose owner process is gone",
                                description="Remove every ipsec-capture rule set (nft and both iptables "
                                            "flavours, IPv4 and IPv6) whose owner process no longer "
-                                           "runs, e.g. after a crash or kill -9. Rules of running "
-                                           "captures are kept unless --all."))
+                                           "runs, e.g. after a crash or kill -9, and what such a "
+                                           "capture left on the tracefs side: its tracefs instance, "
+                                           "bcc's kprobe events of its pid and its private tracefs "
+                                           "mount point under /tmp. Rules of running captures are "
+                                           "kept unless --all."))
     p.add_argument("--all", action="store_true", help="also remove the rules of running captures")
     p.set_defaults(func=cmd_cleanup)
 
@@ -122,12 +125,19 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
+    # A capture leaves more than rules: its tracefs side (instance, private mount, kprobe events)
+    # is bpf's to name, and global, so it is cleaned whatever --netns says.
+    from ipsec_capture.bpf.kfree_skb import cleanup_leftovers
+
     removed = cleanup(args.netns, include_alive=args.all)
     for s in removed:
         print("removed " + _describe(s))
+    traces = cleanup_leftovers()
+    for line in traces:
+        print(f"removed {line} (owner gone)")
     kept = [s for s in list_installed(args.netns)] if not args.all else []
     for s in kept:
         print("kept    " + _describe(s) + "  (use --all to remove)")
-    if not removed and not kept:
+    if not removed and not kept and not traces:
         print("nothing to clean up")
     return 0

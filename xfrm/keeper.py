@@ -12,6 +12,7 @@ Wireshark has no name for the algorithm. SAs sharing a destination and SPI but n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -26,6 +27,38 @@ from .sa import SA
 def _key(sa: SA) -> tuple:
     """An SA's identity in the kernel: (daddr, SPI, proto) and its mark (xfrm_state_lookup)."""
     return (*sa.key_id, sa.mark)
+
+
+def usable(sa: SA) -> bool:
+    """An SA that can carry packets: it has its algorithms and keys. IKE daemons (pluto, charon)
+    reserve an inbound SPI first (XFRM_MSG_ALLOCSPI, a larval state without keys, announced to
+    nobody) and fill it in with an update once the exchange is done."""
+    return sa.aead is not None or sa.enc is not None or sa.auth is not None or sa.comp is not None
+
+
+class _Counts:
+    """SAs that became usable during the capture, each counted once however it got there (a new
+    SA, or the update that gave a reserved SPI its keys), and reserved SPIs never given keys."""
+
+    def __init__(self) -> None:
+        self.present: set[tuple] = set()  # usable at the start or counted since
+        self.reserved: set[tuple] = set()  # seen without keys
+        self.new = 0
+
+    def at_start(self, sas: list[SA]) -> None:
+        for sa in sas:
+            (self.present if usable(sa) else self.reserved).add(_key(sa))
+
+    def seen(self, sa: SA, kind: str) -> None:
+        key = _key(sa)
+        if not usable(sa):
+            self.reserved.add(key)
+        elif kind in ("sa-new", "sa-update") and key not in self.present:
+            self.present.add(key)
+            self.new += 1
+
+    def never_keyed(self) -> int:
+        return len(self.reserved - self.present)
 
 
 class KeyFileKeeper:
@@ -47,11 +80,13 @@ class KeyFileKeeper:
         self.deletes = 0
         self.writes = 0
         self._warned: set[str] = set()
+        self._counts = _Counts()
 
     def start(self) -> None:
         self._monitor = XfrmMonitor(self.netns)  # subscribe first: no gap before the dump
         for sa in dump_states(self.netns):
             self._sas[_key(sa)] = sa
+        self._counts.at_start(list(self._sas.values()))
         self._write()
         self._thread = threading.Thread(target=self._follow, name="ipsec-capture-keys", daemon=True)
         self._thread.start()
@@ -62,6 +97,7 @@ class KeyFileKeeper:
             sa, kind = note.sa, note.event.kind
             if sa is None or kind not in ("sa-new", "sa-update", "sa-delete", "expire"):
                 continue
+            self._counts.seen(sa, kind)  # (this thread's own: read after join, in stop)
             with self._lock:
                 known = _key(sa) in self._sas
                 if kind == "sa-delete" or kind == "expire":
@@ -76,7 +112,7 @@ class KeyFileKeeper:
                 self._write()
 
     def _write(self) -> None:
-        sas = list(self._sas.values())
+        sas = [sa for sa in self._sas.values() if usable(sa)]  # a reserved SPI has no keys to write
         write_private(self.path, write_esp_sa(sas, self.columns))
         self.writes += 1
         for line in warnings_for(sas, self.columns):
@@ -96,8 +132,13 @@ class KeyFileKeeper:
             self._monitor.close()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        # reserved SPIs still without keys now: the monitor never announces a reservation (a
+        # summary without this count beats no summary, whatever the dump says)
+        with contextlib.suppress(Exception):
+            self._counts.at_start([sa for sa in dump_states(self.netns) if not usable(sa)])
         with self._lock:
-            esp = [sa for sa in self._sas.values() if sa.proto == 50]
-            return {"path": self.path, "sas_written": len(esp), "rekeys_seen": self.rekeys,
+            esp = [sa for sa in self._sas.values() if sa.proto == 50 and usable(sa)]
+            return {"path": self.path, "sas_written": len(esp), "rekeys_seen": self._counts.new,
+                    "getspi_never_keyed": self._counts.never_keyed(),
                     "updates_seen": self.updates, "deletes_seen": self.deletes, "writes": self.writes,
                     "columns": self.columns}
