@@ -86,7 +86,16 @@ _Shape = tuple[Callable[..., None], int, bytes, bytes]
 _PointOptions = tuple[int, dict[int, _Shape], bytes, int, tuple[bytes, ...]]
 
 
+MAX_OPTION = 0xFFFC  # an option's length is a u16: a longer text (a name read from someone's file) is cut
+_MAX_WHERE = 1024  # the "point in=... out=..." text of a comment, cut (a point name can be any text)
+# a caller's comment is cut so that it and the "; where" text joined to it fit one option
+_MAX_COMMENT = MAX_OPTION - 2 - _MAX_WHERE
+MAX_ORIG = 0xFFFFFFFF  # an original length is a u32: a longer one (an NFLOG body around a 4 GiB
+                       # packet's header) is written as the most the field holds
+
+
 def option(code: int, value: bytes) -> bytes:
+    value = value[:MAX_OPTION]
     return _OPT.pack(code, len(value)) + value + b"\0" * (-len(value) % 4)
 
 
@@ -262,7 +271,7 @@ class PcapngWriter:
                 words.append(f"out={self._ifname(rec.outdev)}")
             if rec.mark is not None:
                 words.append(f"mark=0x{rec.mark:x}")
-            where = " ".join(words).encode()
+            where = " ".join(words).encode()[:_MAX_WHERE]
         flags = b""
         if rec.hook in INBOUND_HOOKS:
             flags = option(EPB_FLAGS, _U32.pack(EPB_INBOUND))
@@ -300,6 +309,10 @@ class PcapngWriter:
         is cut to it."""
         if caplen > self.snaplen:
             caplen = self.snaplen
+        if orig > MAX_ORIG:
+            orig = MAX_ORIG
+        if len(comment) > _MAX_COMMENT:
+            comment = comment[:_MAX_COMMENT]
         iid, shapes, alone, joined_len, after = self._reserved
         key = len(comment) << 2 | caplen & 3
         shape = shapes.get(key)
