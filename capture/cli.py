@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ipsec_capture.errors import UserError
+from ipsec_capture.spi import SPI_HELP, spi_arg
 
 from .start import EXIT_LOST, Capture, Companion, StartOptions, run_start
 
@@ -55,8 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="install no rules: only read the group (you installed NFLOG rules yourself)")
     p.add_argument("--host", metavar="ADDR",
                    help="write only packets from or to this IPv4/IPv6 address")
-    p.add_argument("--spi", metavar="SPI",
-                   help="write only ESP packets with this SPI (hex 0x... or decimal; NAT-T included)")
+    p.add_argument("--spi", metavar="SPI", type=spi_arg,
+                   help=f"write only ESP packets with this SPI, {SPI_HELP}; NAT-T included")
     p.add_argument("--linktype", choices=("nflog", "raw"), default="nflog",
                    help="nflog (default: Wireshark shows point, hook, devices) or raw (plain IP, "
                         "for tools without NFLOG support)")

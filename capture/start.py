@@ -70,7 +70,7 @@ class StartOptions:
     netns: str | None = None
     rules: bool = True
     host: str | None = None
-    spi: str | None = None
+    spi: int | None = None  # parsed: ipsec_capture.spi.parse_spi
     linktype: str = "nflog"
     quiet: bool = False
     rcvbuf: int | None = None
