@@ -36,7 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                "start traffic. Kprobes are compiled first: that can take a minute on slow machines.\n"
                f"Exit status: 0 on success; {EXIT_LOST} if the kernel dropped packets before we "
                "read them (the summary says how many); 2 for bad arguments or a failure; 77 when "
-               "not root.\n\nexample: sudo ipsec-capture start --group 5 -w out.pcapng")
+               "not root; 70 if the unprivileged reader process died.\n"
+               "Files are mode 0600 and belong to the user who ran sudo.\n\n"
+               "example: sudo ipsec-capture start --group 5 -w out.pcapng")
     p.add_argument("--group", "-g", type=int, required=True, metavar="N",
                    help="NFLOG group to use (0..65535); must not be read by anyone else")
     p.add_argument("-w", "--write", required=True, metavar="FILE",
@@ -73,6 +75,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-keys", action="store_true",
                    help="do not write FILE's .esp_sa (Wireshark keys of every SA, kept current "
                         "through rekeys; mode 0600)")
+    p.add_argument("--user", "-Z", metavar="NAME",
+                   help="once the rules are in, the socket and files open and the kernel sources "
+                        "attached, packets are read and written by a process of this user, with no "
+                        "capabilities (like tcpdump -Z); a root process stays only to remove the "
+                        "rules at the end. Default: the user who ran sudo, else nobody; "
+                        "`--user root` keeps root")
+    p.add_argument("--no-drop", action="store_true",
+                   help="read packets as root, no --user process (rarely wanted: to debug, or "
+                        "where the reader must open files after the start)")
     p.add_argument("--rcvbuf", type=int, default=None, help=argparse.SUPPRESS)  # tests: force overload
     p.set_defaults(func=cmd_start)
 
@@ -86,7 +97,8 @@ def cmd_start(args: argparse.Namespace) -> int:
     opts = StartOptions(group=args.group, write=args.write, points=points, backend=args.backend,
                         count=args.count, duration=args.duration, snaplen=args.snaplen,
                         netns=args.netns, rules=not args.no_rules, host=args.host, spi=args.spi,
-                        linktype=args.linktype, quiet=args.quiet, rcvbuf=args.rcvbuf)
+                        linktype=args.linktype, quiet=args.quiet, rcvbuf=args.rcvbuf,
+                        user=args.user, drop=not args.no_drop)
     return run_start(opts, json_out=args.json, companions=lambda capture: bundle_companions(
         capture, args.kernel_events, keys=not args.no_keys))
 

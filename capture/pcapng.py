@@ -368,6 +368,14 @@ class PcapngWriter:
         if isinstance(blocks.obj, bytearray) and len(blocks.obj) >= len(self.buf):
             self._spare.append(blocks.obj)
 
+    def hand_off(self) -> None:
+        """Another process writes this file from now on (start's unprivileged reader, forked
+        after a flush): close our descriptor and write nothing more, not even at close. What
+        that process ends with is set in `committed` / `packets_committed` by the caller."""
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self._used = -1, 0
+
     def close(self) -> None:
         if self._fd < 0:
             return
