@@ -131,6 +131,19 @@ def _shape(caplen: int, clen: int, alone: bytes, joined_len: int, after: tuple[b
             lead, tail)
 
 
+def _whole_blocks(blocks: memoryview, done: int) -> tuple[int, int]:
+    """(bytes, packet blocks) of the whole blocks within the first `done` bytes of `blocks`
+    (a run of our own blocks): where a failed write may cut the file. Walked only on failure."""
+    at = packets = 0
+    while at + 8 <= done:
+        btype, total = _HDR.unpack_from(blocks, at)
+        if at + total > done:
+            break
+        at += total
+        packets += btype == BT_EPB
+    return at, packets
+
+
 class PcapngWriter:
     """Write Records to a pcapng file: `interface(point)` once per point, then `write(record)`."""
 
@@ -334,8 +347,10 @@ class PcapngWriter:
             self.flush()
 
     def flush(self) -> None:
-        """Write every whole block buffered so far. On an error (ENOSPC) the file is cut back to
-        the last complete flush, so it still ends on a block boundary, and the OSError propagates."""
+        """Write every whole block buffered so far. On an error (ENOSPC, EFBIG) the file is cut
+        back to the last whole block the kernel took (a full disk takes part of a write first),
+        so it still ends on a block boundary and keeps every packet that fit, and the OSError
+        propagates."""
         if not self._used:
             return
         view = self.view[:self._used]
@@ -345,8 +360,15 @@ class PcapngWriter:
             while done < len(view):
                 done += os.write(self._fd, view[done:])
         except OSError:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, self.committed)
+            keep, packets = _whole_blocks(view, done)
+            try:
+                os.ftruncate(self._fd, self.committed + keep)
+            except OSError:
+                keep = packets = 0
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self.committed)
+            self.committed += keep
+            self.packets_committed += packets
             self._failed = True
             raise
         self.committed += done
