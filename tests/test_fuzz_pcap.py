@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 
 from ipsec_capture.capture import pcapread
 from ipsec_capture.capture.pcapng import PcapngWriter
-from ipsec_capture.capture.pcapread import read_records
+from ipsec_capture.capture.pcapread import Share, read_records
+from ipsec_capture.decrypt.decoder import EspDecoder
+from ipsec_capture.decrypt.pipeline import DecryptSummary, decrypt_to_writer
 from ipsec_capture.errors import UserError
 from ipsec_capture.models import Record
 from tests.support.fuzzing import (
@@ -31,6 +33,10 @@ from tests.support.fuzzing import (
     pcapng_file,
     seed_frames,
 )
+from tests.support.synthetic import gcm_sa
+
+# the seeds' SPI with the key they were sealed with: mutated ESP goes deep into the decoder
+_DECODER = EspDecoder([gcm_sa(0xC0FFEE01, "192.0.2.1", "192.0.2.2", bytes(range(20)))])
 
 
 def read_all(path: Path) -> list[Record] | UserError:
@@ -56,11 +62,34 @@ def write_back(records: list[Record], tmp: Path) -> None:
         assert [bytes(r.payload) for r in again] == [bytes(r.payload)[:w.snaplen] for r in records]
 
 
+def other_readings(path: Path, records: list[Record]) -> None:
+    """decrypt's ways of reading the same file: borrowed records, and -j shares (their union is
+    the whole file); then the decrypting writer over what was read."""
+    want = [bytes(r.payload) for r in records]
+    assert [bytes(r.payload) for r in read_records(str(path), lambda m: None, borrow=True)] == want
+    jobs, block = 3, 2
+    parts: dict[int, bytes] = {}
+    for k in range(jobs):
+        share = Share(k, jobs, block)
+        got = [bytes(r.payload) for r in read_records(str(path), lambda m: None, share=share)]
+        if not share.skips:
+            got = [p for i, p in enumerate(got) if i // block % jobs == k]
+        starts = [i for i in range(len(want)) if i // block % jobs == k]
+        assert got == [want[i] for i in starts]
+        parts.update(zip(starts, got, strict=True))
+    assert [parts[i] for i in range(len(want))] == want
+    summary = DecryptSummary()
+    with PcapngWriter(path.with_suffix(".dec"), linktype="raw") as w:
+        decrypt_to_writer(iter(records), _DECODER, summary, w)
+    assert summary.packets == len(records)
+
+
 def check(data: bytes, tmp: Path) -> None:
     path = tmp / "in.cap"
     path.write_bytes(data)
     got = read_all(path)
     if not isinstance(got, UserError):
+        other_readings(path, got)
         write_back(got, tmp)
 
 

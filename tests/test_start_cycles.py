@@ -39,7 +39,9 @@ def ns() -> Iterator[str]:
 
 
 def _tmp_entries() -> set[str]:
-    return {n for n in os.listdir("/tmp") if n.startswith(("ipsec_capture", "ipsec-capture"))}
+    """What a capture may make in /tmp (a private tracefs mount point: ipsec_capture_tracefs_*;
+    other tools' ipsec-capture-* entries, such as the lab VM's, are not the capture's)."""
+    return {n for n in os.listdir("/tmp") if n.startswith("ipsec_capture_")}
 
 
 def _instances(pids: set[int]) -> list[str]:
