@@ -73,7 +73,7 @@ def resolve(user: str | None, drop: bool) -> Target | None:
                         "stay root)") from None
     if entry.pw_uid == 0:
         return None
-    groups = tuple(g.gr_gid for g in _groups_of(entry.pw_name)) or (entry.pw_gid,)
+    groups = tuple(sorted({entry.pw_gid, *(g.gr_gid for g in _groups_of(entry.pw_name))}))
     return Target(entry.pw_name, entry.pw_uid, entry.pw_gid, groups)
 
 

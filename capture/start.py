@@ -246,6 +246,7 @@ class Capture:
                     summaries[comp.name] = comp.stop()
                 except Exception as err:  # one failing companion must not cost the capture
                     summaries[comp.name] = {"error": str(err)}
+                privdrop.give(comp.path, self._owner)  # again: a rewrite (the key file's) is a new file
             self.companion_summaries = summaries
             for sig, handler in old.items():
                 signal.signal(sig, handler)
@@ -256,7 +257,10 @@ class Capture:
         for the companions and the rules' removal."""
         if self._target is None:
             return None
-        writer.flush()  # the section and interface blocks on disk: the child writes after them
+        try:
+            writer.flush()  # the section and interface blocks on disk: the child writes after them
+        except OSError as err:
+            raise UserError(f"cannot write {self.opts.write}: {err.strerror}") from None
         child = privdrop.Reader(self._target, lambda: self._reader_main(writer, reader))
         writer.hand_off()
         return child
