@@ -23,6 +23,7 @@ from ipsec_capture.models import EncodedEvent, Event
 FORMAT_KEY = "ipsec_capture_events"
 FORMAT_VERSION = 1
 _SAMPLES = 25
+MAX_LINE = 1 << 24  # characters: no event is near this long; a longer line is damage, not data
 
 
 def _offset(clock: int) -> int:
@@ -119,34 +120,108 @@ class EventLogWriter:
 def _parse_header(line: str, path: str) -> dict[str, Any]:
     try:
         header = json.loads(line)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         header = None
     if not isinstance(header, dict) or FORMAT_KEY not in header:
         raise UserError(f"{path}:1: not an ipsec-capture events log (no header line)")
     if header[FORMAT_KEY] != FORMAT_VERSION:
-        raise UserError(f"{path}:1: events log version {header[FORMAT_KEY]} is not supported "
+        raise UserError(f"{path}:1: events log version {str(header[FORMAT_KEY])[:20]} is not supported "
                         f"(this ipsec-capture reads version {FORMAT_VERSION}): upgrade ipsec-capture")
+    problem = _header_problem(header)
+    if problem:
+        raise UserError(f"{path}:1: bad header line ({problem}): the events log is damaged")
     return header
+
+
+def _header_problem(h: dict[str, Any]) -> str | None:
+    """What in a header is not as make_header writes it (the reports read these fields)."""
+    for name in ("host", "kernel"):
+        if h.get(name) is not None and not isinstance(h[name], str):
+            return f"{name} is not a string"
+    sources = h.get("sources", [])
+    if not isinstance(sources, list) or not all(
+            isinstance(x, dict) and isinstance(x.get("name", ""), str) for x in sources):
+        return "sources is not a list of objects with a name"
+    clock = h.get("clock", {})
+    if not isinstance(clock, dict) or not all(_is_int(v) and abs(v) <= _MAX_U64 for v in clock.values()):
+        return "clock is not an object of nanosecond offsets"
+    if h.get("netns") is not None and not isinstance(h["netns"], dict):
+        return "netns is not an object"
+    return None
+
+
+_INT_FIELDS = ("netns", "spi", "seq", "ret")
+_MAX_U64 = (1 << 64) - 1
+# detail entries the join reads by name, and what they must be (the rest is shown as it is)
+_DETAIL_TYPES: dict[str, tuple[type, ...]] = {
+    "skb": (int, str), "skbaddr": (int, str), "delta": (int,), "value": (int,), "sa": (dict,),
+    "policy": (dict,), "location": (str,), "hard": (bool, int),
+}
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int  # bool is an int subclass: true/false is not a number here
+
+
+def checked_event(d: Any) -> Event:
+    """An Event from one parsed line, or ValueError naming the field that is not what the writer
+    writes: readers past this point (the join, the reports) may trust the types and ranges."""
+    if not isinstance(d, dict):
+        raise ValueError("not an object")
+    t = d.get("time_ns")
+    if not _is_int(t) or not 0 <= t <= _MAX_U64:
+        raise ValueError(f"time_ns {t!r} is not a time in nanoseconds")
+    for name in ("source", "kind"):
+        if not isinstance(d.get(name), str):
+            raise ValueError(f"{name} {d.get(name)!r} is not a string")
+    for name in _INT_FIELDS:
+        v = d.get(name)
+        if v is not None and not (_is_int(v) and -_MAX_U64 <= v <= _MAX_U64):
+            raise ValueError(f"{name} {v!r} is not a number")
+    if d.get("spi") is not None and not 0 <= d["spi"] <= 0xFFFFFFFF:
+        raise ValueError(f"spi {d['spi']} is not 32 bits")
+    if d.get("reason") is not None and not isinstance(d["reason"], str):
+        raise ValueError(f"reason {d['reason']!r} is not a string")
+    for name in ("tuple", "inner"):
+        v = d.get(name)
+        if v is not None and not (isinstance(v, dict) and all(
+                x is None or isinstance(x, str) or _is_int(x) for x in v.values())):
+            raise ValueError(f"{name} {v!r} is not an object of addresses and numbers")
+    detail = d.get("detail", {})
+    if not isinstance(detail, dict):
+        raise ValueError(f"detail {detail!r} is not an object")
+    for name, types in _DETAIL_TYPES.items():
+        v = detail.get(name)
+        if v is not None and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
+            raise ValueError(f"detail.{name} {v!r} is not a {' or '.join(t.__name__ for t in types)}")
+    return Event.from_dict(d)
+
+
+def _short(err: Exception) -> str:
+    """An error's text on one short line (it may quote a damaged value of any length)."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _events(f: IO[str], path: str) -> Iterator[Event]:
     lineno = 1
     try:
-        for line in f:
+        while line := f.readline(MAX_LINE):
             lineno += 1
             if not line.strip():
                 continue
             complete = line.endswith("\n")
+            if not complete and len(line) == MAX_LINE:
+                raise UserError(f"{path}:{lineno}: line longer than {MAX_LINE >> 20} MiB: the events log "
+                                "is damaged")
             try:
-                d = json.loads(line)
-                if not isinstance(d, dict):
-                    raise ValueError("not an object")
-                yield Event.from_dict(d)
-            except (ValueError, TypeError) as err:
+                event = checked_event(json.loads(line))
+            except (ValueError, TypeError, RecursionError) as err:
                 if not complete:  # the writer died mid-line: the file ends here, that is fine
                     return
-                raise UserError(f"{path}:{lineno}: bad event line ({err}): the events log is damaged") \
-                    from err
+                raise UserError(f"{path}:{lineno}: bad event line ({_short(err)}): the events log is "
+                                "damaged") from None
+            yield event
     finally:
         f.close()
 
@@ -161,7 +236,7 @@ def read_events(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Iterator[
     except OSError as err:
         raise UserError(f"cannot read events log {p}: {err.strerror}") from err
     try:
-        header = _parse_header(f.readline(), p)
+        header = _parse_header(f.readline(MAX_LINE), p)
     except UserError:
         f.close()
         raise

@@ -41,9 +41,11 @@ XFRM_FUNCS = ("xfrm", "__xfrm", "esp", "ah", "ipcomp", "ah4", "ah6", "esp4", "es
 # `__print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" }, ...)` in the tracepoint's print fmt
 _SYMBOLIC = re.compile(r'\{\s*(\d+)\s*,\s*"([A-Z0-9_]+)"\s*\}')
 # `  ping-123  [001] ..s1.  4567.123456: kfree_skb: skbaddr=... location=... reason: XFRM_POLICY`
+# Numbers are bounded in length (a CPU, seconds since boot, a fraction, an ethertype): a damaged
+# line of thousands of digits must not reach int(), which refuses more than 4300.
 _LINE = re.compile(
-    rb"\[(\d+)\]\s+\S*\s*(\d+)\.(\d+): kfree_skb: skbaddr=(\S+)(?: rx_sk=\S+)? protocol=(\d+)"
-    rb" location=(\S+)(?: reason: (\w+))?"
+    rb"\[(\d{1,6})\]\s+\S*\s*(\d{1,12})\.(\d{1,9}): kfree_skb: skbaddr=(\S+)(?: rx_sk=\S+)?"
+    rb" protocol=(\d{1,10}) location=(\S+)(?: reason: (\w+))?"
 )
 
 
@@ -244,15 +246,18 @@ def parse_line(line: bytes, ksyms: Kallsyms | None = None) -> Drop | None:
     if m is None:
         return None
     cpu, sec, frac, skb, proto, loc, reason = m.groups()
-    location = loc.decode().split("/", 1)[0]  # %pS prints `func+0xoff/0xsize`: drop the size
+    # %pS prints `func+0xoff/0xsize`: drop the size. The kernel prints ASCII; anything else is
+    # a damaged line, kept readable rather than refused.
+    location = loc.decode("utf-8", "replace").split("/", 1)[0]
     if ksyms is not None and _ADDRESS.fullmatch(location):  # %p unhashed (6.1): bare hex, no 0x
         location = ksyms.symbolize(int(location, 16))
-    skbaddr = skb.decode()
+    skbaddr = skb.decode("utf-8", "replace")
     if not skbaddr.startswith("0x"):
         skbaddr = "0x" + skbaddr
     frac_s = frac.decode()
     boot_ns = int(sec) * 1_000_000_000 + int(frac_s) * 10 ** (9 - len(frac_s))
-    return Drop(boot_ns, int(cpu), skbaddr, int(proto), location, reason.decode() if reason else None)
+    return Drop(boot_ns, int(cpu), skbaddr, int(proto), location,
+                reason.decode("utf-8", "replace") if reason else None)
 
 
 class KfreeSkbSource:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ipsec_capture.errors import UserError
+from ipsec_capture.spi import SPI_HELP, spi_arg
 
 from .start import EXIT_LOST, Capture, Companion, StartOptions, run_start
 
@@ -37,7 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                "start traffic. Kprobes are compiled first: that can take a minute on slow machines.\n"
                f"Exit status: 0 on success; {EXIT_LOST} if the kernel dropped packets before we "
                "read them (the summary says how many); 2 for bad arguments or a failure; 77 when "
-               "not root.\n\nexample: sudo ipsec-capture start --group 5 -w out.pcapng")
+               "not root; 70 if the unprivileged reader process died.\n"
+               "Files are mode 0600 and belong to the user who ran sudo.\n\n"
+               "example: sudo ipsec-capture start --group 5 -w out.pcapng")
     p.add_argument("--group", "-g", type=int, required=True, metavar="N",
                    help="NFLOG group to use (0..65535); must not be read by anyone else")
     p.add_argument("-w", "--write", required=True, metavar="FILE",
@@ -57,8 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="install no rules: only read the group (you installed NFLOG rules yourself)")
     p.add_argument("--host", metavar="ADDR",
                    help="write only packets from or to this IPv4/IPv6 address")
-    p.add_argument("--spi", metavar="SPI",
-                   help="write only ESP packets with this SPI (hex 0x... or decimal; NAT-T included)")
+    p.add_argument("--spi", metavar="SPI", type=spi_arg,
+                   help=f"write only ESP packets with this SPI, {SPI_HELP}; NAT-T included")
     p.add_argument("--linktype", choices=("nflog", "raw"), default="nflog",
                    help="nflog (default: Wireshark shows point, hook, devices) or raw (plain IP, "
                         "for tools without NFLOG support)")
@@ -81,6 +84,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="rotate every SECONDS (with -C: whichever comes first)")
     p.add_argument("-W", dest="rotate_count", type=int, default=0, metavar="COUNT",
                    help="with -C/-G: keep only the newest COUNT parts (a ring; the oldest removed)")
+    p.add_argument("--user", "-Z", metavar="NAME",
+                   help="once the rules are in, the socket and files open and the kernel sources "
+                        "attached, packets are read and written by a process of this user, with no "
+                        "capabilities (like tcpdump -Z); a root process stays only to remove the "
+                        "rules at the end. Default: the user who ran sudo, else nobody; "
+                        "`--user root` keeps root")
+    p.add_argument("--no-drop", action="store_true",
+                   help="read packets as root, no --user process (rarely wanted: to debug, or "
+                        "where the reader must open files after the start)")
     p.add_argument("--rcvbuf", type=int, default=None, help=argparse.SUPPRESS)  # tests: force overload
     p.set_defaults(func=cmd_start)
 
@@ -95,7 +107,7 @@ def cmd_start(args: argparse.Namespace) -> int:
                         count=args.count, duration=args.duration, snaplen=args.snaplen,
                         netns=args.netns, rules=not args.no_rules, host=args.host, spi=args.spi,
                         linktype=args.linktype, quiet=args.quiet, rcvbuf=args.rcvbuf,
-                        rotation=_rotation(args))
+                         rotation=_rotation(args), user=args.user, drop=not args.no_drop)
     return run_start(opts, json_out=args.json, companions=lambda capture: bundle_companions(
         capture, args.kernel_events, keys=not args.no_keys))
 

@@ -49,18 +49,9 @@ class PacketFilter:
         return self.spi is None or esp_spi(p) == self.spi
 
 
-def parse_spi(text: str) -> int:
-    try:
-        spi = int(text, 0)
-    except ValueError:
-        raise UserError(f"bad --spi {text!r}: give a number such as 0xc0ffee01 or 3237998081") from None
-    if not 1 <= spi <= 0xFFFFFFFF:
-        raise UserError(f"bad --spi {text!r}: an SPI is 1..0xffffffff (32 bits, 0 is reserved)")
-    return spi
-
-
-def build_filter(host: str | None, spi: str | None) -> PacketFilter | None:
-    """None when nothing is filtered (the hot path then skips the call)."""
+def build_filter(host: str | None, spi: int | None) -> PacketFilter | None:
+    """None when nothing is filtered (the hot path then skips the call). `spi` is parsed
+    already (ipsec_capture.spi.parse_spi, the one SPI syntax)."""
     if host is None and spi is None:
         return None
     packed = None
@@ -69,4 +60,4 @@ def build_filter(host: str | None, spi: str | None) -> PacketFilter | None:
             packed = ipaddress.ip_address(host).packed
         except ValueError:
             raise UserError(f"bad --host {host!r}: give one IPv4 or IPv6 address") from None
-    return PacketFilter(packed, None if spi is None else parse_spi(spi))
+    return PacketFilter(packed, spi)

@@ -32,6 +32,7 @@ NFULA_GID = 14  # __be32
 NFULA_HWTYPE = 15
 NFULA_HWHEADER = 16
 NFULA_HWLEN = 17
+NF_LOG_PREFIXLEN = 128  # <linux/netfilter/nf_log.h>
 NLA_TYPE_MASK = 0x3FFF  # <linux/netlink.h>: ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER)
 NFNETLINK_V0 = 0  # <linux/netfilter/nfnetlink.h>
 
@@ -140,7 +141,9 @@ def build_body(rec: Record, group: int = 0) -> bytes:
     if rec.hook is not None:
         parts.append(_tlv(NFULA_PACKET_HDR, PACKET_HDR.pack(proto, rec.hook & 0xFF, 0)))
     if rec.point:
-        parts.append(_tlv(NFULA_PREFIX, rec.point.encode() + b"\0"))
+        # the kernel's prefixes are short (NF_LOG_PREFIXLEN 128); a point named by someone's file
+        # may be any text: cut it so the TLV length (a u16) holds it
+        parts.append(_tlv(NFULA_PREFIX, rec.point.encode()[:NF_LOG_PREFIXLEN - 1] + b"\0"))
     for ttype, attr in ((NFULA_IFINDEX_INDEV, rec.indev), (NFULA_IFINDEX_OUTDEV, rec.outdev),
                         (NFULA_MARK, rec.mark)):
         if attr is not None:
@@ -169,6 +172,8 @@ class _Layout:
         pos, nvalues, off, n = 1, 1, 4, len(body)  # pos: where the value struct has got to
         point = ""
         while True:
+            if off + 4 > n:
+                raise ValueError("no payload")
             tlen, ttype = tlv.unpack_from(body, off)
             ttype &= NLA_TYPE_MASK
             v, end = off + 4, off + ((tlen + 3) & ~3)
@@ -195,8 +200,6 @@ class _Layout:
                 exprs[name] = f"v[{nvalues}]"
                 nvalues += 1
             off = end
-            if off + 4 > n:
-                raise ValueError("no payload")
         self.tlv = tlv
         self.head = struct.Struct("".join(head_fmt)).unpack_from
         self.expect = self.head(body, 4)

@@ -86,7 +86,16 @@ _Shape = tuple[Callable[..., None], int, bytes, bytes]
 _PointOptions = tuple[int, dict[int, _Shape], bytes, int, tuple[bytes, ...]]
 
 
+MAX_OPTION = 0xFFFC  # an option's length is a u16: a longer text (a name read from someone's file) is cut
+_MAX_WHERE = 1024  # the "point in=... out=..." text of a comment, cut (a point name can be any text)
+# a caller's comment is cut so that it and the "; where" text joined to it fit one option
+_MAX_COMMENT = MAX_OPTION - 2 - _MAX_WHERE
+MAX_ORIG = 0xFFFFFFFF  # an original length is a u32: a longer one (an NFLOG body around a 4 GiB
+                       # packet's header) is written as the most the field holds
+
+
 def option(code: int, value: bytes) -> bytes:
+    value = value[:MAX_OPTION]
     return _OPT.pack(code, len(value)) + value + b"\0" * (-len(value) % 4)
 
 
@@ -120,6 +129,19 @@ def _shape(caplen: int, clen: int, alone: bytes, joined_len: int, after: tuple[b
         lead, tail = pad + alone, b""
     return (_tail_packer(len(lead), clen, len(tail)), EPB_HEAD_LEN + len(lead) + clen + len(tail) + 4,
             lead, tail)
+
+
+def _whole_blocks(blocks: memoryview, done: int) -> tuple[int, int]:
+    """(bytes, packet blocks) of the whole blocks within the first `done` bytes of `blocks`
+    (a run of our own blocks): where a failed write may cut the file. Walked only on failure."""
+    at = packets = 0
+    while at + 8 <= done:
+        btype, total = _HDR.unpack_from(blocks, at)
+        if at + total > done:
+            break
+        at += total
+        packets += btype == BT_EPB
+    return at, packets
 
 
 class PcapngWriter:
@@ -277,7 +299,7 @@ class PcapngWriter:
                 words.append(f"out={self._ifname(rec.outdev)}")
             if rec.mark is not None:
                 words.append(f"mark=0x{rec.mark:x}")
-            where = " ".join(words).encode()
+            where = " ".join(words).encode()[:_MAX_WHERE]
         flags = b""
         if rec.hook in INBOUND_HOOKS:
             flags = option(EPB_FLAGS, _U32.pack(EPB_INBOUND))
@@ -315,6 +337,10 @@ class PcapngWriter:
         is cut to it."""
         if caplen > self.snaplen:
             caplen = self.snaplen
+        if orig > MAX_ORIG:
+            orig = MAX_ORIG
+        if len(comment) > _MAX_COMMENT:
+            comment = comment[:_MAX_COMMENT]
         iid, shapes, alone, joined_len, after = self._reserved
         key = len(comment) << 2 | caplen & 3
         shape = shapes.get(key)
@@ -336,8 +362,10 @@ class PcapngWriter:
             self.flush()
 
     def flush(self) -> None:
-        """Write every whole block buffered so far. On an error (ENOSPC) the file is cut back to
-        the last complete flush, so it still ends on a block boundary, and the OSError propagates."""
+        """Write every whole block buffered so far. On an error (ENOSPC, EFBIG) the file is cut
+        back to the last whole block the kernel took (a full disk takes part of a write first),
+        so it still ends on a block boundary and keeps every packet that fit, and the OSError
+        propagates."""
         if not self._used:
             return
         view = self.view[:self._used]
@@ -347,8 +375,15 @@ class PcapngWriter:
             while done < len(view):
                 done += os.write(self._fd, view[done:])
         except OSError:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, self.committed)
+            keep, packets = _whole_blocks(view, done)
+            try:
+                os.ftruncate(self._fd, self.committed + keep)
+            except OSError:
+                keep = packets = 0
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self.committed)
+            self.committed += keep
+            self.packets_committed += packets
             self._failed = True
             raise
         self.committed += done
@@ -369,6 +404,14 @@ class PcapngWriter:
         """What take() gave, once written: its buffer serves again."""
         if isinstance(blocks.obj, bytearray) and len(blocks.obj) >= len(self.buf):
             self._spare.append(blocks.obj)
+
+    def hand_off(self) -> None:
+        """Another process writes this file from now on (start's unprivileged reader, forked
+        after a flush): close our descriptor and write nothing more, not even at close. What
+        that process ends with is set in `committed` / `packets_committed` by the caller."""
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self._used = -1, 0
 
     def close(self) -> None:
         if self._fd < 0:

@@ -55,7 +55,15 @@ IF_TSOFFSET = 14
 _BE16 = struct.Struct("!H")
 CHUNK = 1 << 22  # bytes per read(): few system calls, and little memory held at once
 MAX_RECORD = 0x4000000  # 64 MiB: no packet or block is that big; the file is not what it claims
+# Record.time_ns is what a pcapng block can hold at nanosecond resolution (an unsigned 64-bit
+# stamp: 1970 to 2554); a stamp outside it (an if_tsoffset that goes before 1970, a tick count
+# that overflows) is malformed, and refused here so no writer or report meets it.
+MAX_TIME_NS = (1 << 64) - 1
 RAW_LINKTYPES = frozenset((LINKTYPE_RAW, LINKTYPE_IPV4, LINKTYPE_IPV6))
+# the link types we take IP packets out of; a file of any other is refused in one line
+READABLE = {LINKTYPE_NFLOG: "NFLOG", LINKTYPE_RAW: "raw IP", LINKTYPE_IPV4: "IPv4",
+            LINKTYPE_IPV6: "IPv6", LINKTYPE_EN10MB: "Ethernet", LINKTYPE_LINUX_SLL: "Linux cooked",
+            LINKTYPE_LINUX_SLL2: "Linux cooked v2"}
 # family_of() by the first byte of the packet (IP version in the high nibble), without a call
 _FAMILY_BY_FIRST = tuple(socket.AF_INET if b >> 4 == 4 else socket.AF_INET6 if b >> 4 == 6 else 0
                          for b in range(256))
@@ -113,7 +121,15 @@ def _ip_from_frame(linktype: int, data: memoryview) -> memoryview | None:
         if len(data) < 20:
             return None
         return data[20:] if _BE16.unpack_from(data, 0)[0] in (ETH_P_IP, ETH_P_IPV6) else None
-    raise UserError(f"link type {linktype} is not supported: use NFLOG, raw IP, Ethernet or Linux cooked")
+    raise AssertionError(f"link type {linktype} reached the frame parser")  # refused by _check_linktype
+
+
+def _check_linktype(path: str, linktype: int, where: str) -> None:
+    """Refuse a link type we cannot take IP packets out of, in one line that says which we can."""
+    if linktype not in READABLE:
+        names = ", ".join(f"{name} ({n})" for n, name in READABLE.items())
+        raise UserError(f"{path}: link type {linktype} ({where}) is not one ipsec-capture reads: it "
+                        f"reads {names}; capture on an IP interface or convert the file (editcap -T)")
 
 
 def _record(path: str, off: int, iface: _Iface, time_ns: int, data: bytes, orig: int,
@@ -138,7 +154,9 @@ def _record(path: str, off: int, iface: _Iface, time_ns: int, data: bytes, orig:
         ip = _ip_from_frame(iface.linktype, memoryview(data))
         if ip is None:
             return None
-        rec = Record(time_ns, iface.name, ip, family_of(ip), length=orig - (len(data) - len(ip)))
+        # the frame's own header is not part of the IP packet's length (an original length
+        # shorter than that header says nothing: the packet's length is then what was captured)
+        rec = Record(time_ns, iface.name, ip, family_of(ip), length=max(orig - (len(data) - len(ip)), 0))
     rec.family = rec.family or family_of(rec.payload)
     rec.comment = comment
     return rec
@@ -155,6 +173,10 @@ class _Window:
 
     __slots__ = ("_fh", "_seekable", "base", "buf", "pos")
 
+    # read() of a size allocates that size before the file says how much it has: a record that
+    # claims more than a chunk is first checked against the bytes left in the file, so a length
+    # field of a few GiB in a small file costs no more memory than the file
+
     def __init__(self, fh: BinaryIO, head: bytes) -> None:
         self._fh = fh
         self._seekable = fh.seekable()
@@ -168,6 +190,9 @@ class _Window:
         have = len(self.buf) - self.pos
         if have >= need:
             return True
+        if need > CHUNK and self._seekable and self._fh.tell() + need - have > os.fstat(
+                self._fh.fileno()).st_size:
+            return False
         if self._seekable:
             self._fh.seek(-have, os.SEEK_CUR)
             self.base += self.pos
@@ -176,7 +201,7 @@ class _Window:
             return len(self.buf) >= need
         parts = [self.buf[self.pos:]]
         while have < need:
-            more = self._fh.read(max(CHUNK, need - have))
+            more = self._fh.read(CHUNK)  # what arrived, never what a length field claims
             if not more:
                 break
             parts.append(more)
@@ -234,6 +259,7 @@ def _read_pcap(win: _Window, path: str, head: bytes, warn: Warn, borrow: bool = 
     if not win.fill(24):
         raise UserError(f"{path}: pcap file header cut short at offset {win.left}")
     linktype = struct.unpack_from(order + "HHiIII", win.buf, 4)[5] & 0x0FFFFFFF  # upper bits: FCS info
+    _check_linktype(path, linktype, "pcap file header")
     iface = _Iface(linktype, f"if{0}", 1_000_000_000 if nsec else 1_000_000, 0)
     win.pos = 24
     if linktype in RAW_LINKTYPES:
@@ -414,6 +440,8 @@ def _packet(path: str, off: int, btype: int, body: memoryview, order: str,
             raise UserError(f"{path}: malformed simple packet block at offset {off}")
         orig = struct.unpack_from(order + "I", body)[0]
         data = bytes(body[4:4 + min(orig, len(body) - 4)])
+        if ifaces[0].linktype not in READABLE:
+            _check_linktype(path, ifaces[0].linktype, f"interface 0, simple packet block at offset {off}")
         return _record(path, off, ifaces[0], 0, data, orig, None)
     if btype == BT_EPB:
         if len(body) < 20:
@@ -437,7 +465,12 @@ def _packet(path: str, off: int, btype: int, body: memoryview, order: str,
             comment = _text(value)
             break
     iface = ifaces[iid]
+    if iface.linktype not in READABLE:
+        _check_linktype(path, iface.linktype, f"interface {iid}, packet block at offset {off}")
     ticks = (hi << 32) | lo
     sec, frac = divmod(ticks, iface.ts_div)
     time_ns = (sec + iface.ts_offset) * 1_000_000_000 + frac * 1_000_000_000 // iface.ts_div
+    if not 0 <= time_ns <= MAX_TIME_NS:
+        raise UserError(f"{path}: packet block at offset {off} has a time stamp out of range "
+                        f"({sec + iface.ts_offset} s: before 1970 or after 2554)")
     return _record(path, off, iface, time_ns, data, orig, comment)

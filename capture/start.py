@@ -13,6 +13,7 @@ ends on a whole block. Lost packets (ENOBUFS, sequence gaps) make the exit statu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -29,6 +30,7 @@ from typing import Any, Protocol
 from ipsec_capture.errors import UserError, require_root
 from ipsec_capture.netns import entered, netns_path
 
+from . import privdrop
 from .filters import build_filter
 from .nflog import NflogReader
 from .pcapng import PcapngWriter
@@ -70,11 +72,13 @@ class StartOptions:
     netns: str | None = None
     rules: bool = True
     host: str | None = None
-    spi: str | None = None
+    spi: int | None = None  # parsed: ipsec_capture.spi.parse_spi
     linktype: str = "nflog"
     quiet: bool = False
     rcvbuf: int | None = None
     rotation: Any = None  # capture/rotate.py Rotation: -C/-G/-W (None: one file)
+    user: str | None = None  # the reader's user (privdrop.resolve: default the sudo caller, else nobody)
+    drop: bool = True  # False: the reader stays root (--no-drop)
 
 
 @dataclass(slots=True)
@@ -98,8 +102,13 @@ class CaptureStats:
 
 
 def _ifname_in(netns: str | None) -> Callable[[int], str]:
-    """ifindex -> name as the capture's namespace sees it (cached; looked up there on a miss)."""
+    """ifindex -> name as the capture's namespace sees it (cached; looked up there on a miss).
+    Every interface there now is looked up at once: an unprivileged reader cannot enter the
+    namespace later (setns needs CAP_SYS_ADMIN), so only interfaces made during the capture
+    may show as ifN."""
     names: dict[int, str] = {}
+    with contextlib.suppress(OSError, UserError), entered(netns):
+        names.update(socket.if_nameindex())
 
     def lookup(index: int) -> str:
         name = names.get(index)
@@ -131,6 +140,8 @@ class Capture:
         self._filter = build_filter(opts.host, opts.spi)
         self.rotate_hooks: list[Callable[[int, str], None]] = []  # companions following the parts
         self.parts: list[str] = []
+        self._target: privdrop.Target | None = None
+        self._owner = privdrop.file_owner()
         self._validate()
 
     def _validate(self) -> None:
@@ -152,10 +163,22 @@ class Capture:
     def _on_signal(self, signum: int, frame: object) -> None:
         self._stop = signal.Signals(signum).name
 
+    def _stop_signal(self) -> int | None:
+        """The stop signal this process got, for its reader (none: --count/--duration are the
+        reader's own)."""
+        return signal.Signals[self._stop] if self._stop and self._stop.startswith("SIG") else None
+
     def run(self) -> dict[str, Any]:
         """Capture until stopped; returns the summary. Raises UserError for what the user can fix."""
         o = self.opts
         require_root("ipsec-capture start")
+        self._target = privdrop.resolve(o.user, o.drop)  # a bad --user fails before any rule
+        if self._target is not None and o.rotation is not None and o.rotation.active:
+            # The companions (events log, key file) follow each new part from this process; a
+            # forked reader cannot tell them, so a rotating capture reads as this process does.
+            print("ipsec-capture: -C/-G rotation: packets are read by this process (no --user "
+                  "reader yet for rotated captures)", file=sys.stderr)
+            self._target = None
         rs = None
         if o.rules:
             from ipsec_capture.rules.manager import build
@@ -183,6 +206,7 @@ class Capture:
         note = f"ipsec-capture start --group {o.group}" + (f" --netns {o.netns}" if o.netns else "")
         with (self._open_writer(note) as writer,
               self._created_flag(),
+              self._given(o.write),
               NflogReader(o.group, snaplen=o.snaplen, netns=o.netns, rcvbuf=o.rcvbuf) as reader):
             guard: AbstractContextManager[Any] = nullcontext()
             if rs is not None:
@@ -211,6 +235,12 @@ class Capture:
         return RotatingWriter(o.write, o.rotation, open_part, self.rotate_hooks)  # type: ignore[return-value]
 
     @contextlib.contextmanager
+    def _given(self, path: str) -> Iterator[None]:
+        """The file just created goes to the user who ran sudo (mode 0600 stays)."""
+        privdrop.give(path, self._owner)
+        yield
+
+    @contextlib.contextmanager
     def _created_flag(self) -> Iterator[None]:
         self._created = True  # the writer made the file: ours to remove if we fail before `ready`
         yield
@@ -219,26 +249,65 @@ class Capture:
         o = self.opts
         old = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         started: list[Companion] = []
+        child = None
         try:
+            child = self._fork_reader(writer, reader)
             for comp in self.companions:
                 comp.start()
                 started.append(comp)
+                privdrop.give(comp.path, self._owner)
             where = f" in netns {o.netns}" if o.netns else ""
             what = (f"{self.backend} rules at {len(points)} points" if points
                     else "no rules of ours (--no-rules)")
+            who = f"; packets read by pid {child.pid} as {child.target.name}" if child else ""
             self._announced = True
-            self._ready(f"ready: capturing NFLOG group {o.group}{where} ({what}) into {o.write}")
-            self._loop(writer, reader)
+            self._ready(f"ready: capturing NFLOG group {o.group}{where} ({what}) into {o.write}{who}")
+            if child is None:
+                self._loop(writer, reader)
+            else:
+                self._adopt(child.wait(self._stop_signal), writer)
         finally:
+            if child is not None:
+                child.end()
             summaries = {}
             for comp in started:
                 try:
                     summaries[comp.name] = comp.stop()
                 except Exception as err:  # one failing companion must not cost the capture
                     summaries[comp.name] = {"error": str(err)}
+                privdrop.give(comp.path, self._owner)  # again: a rewrite (the key file's) is a new file
             self.companion_summaries = summaries
             for sig, handler in old.items():
                 signal.signal(sig, handler)
+
+    def _fork_reader(self, writer: PcapngWriter, reader: NflogReader) -> privdrop.Reader | None:
+        """With a user to drop to: the read/write loop goes to a child of that user (see
+        privdrop.py), forked here before any companion thread exists; this process keeps root
+        for the companions and the rules' removal."""
+        if self._target is None:
+            return None
+        try:
+            writer.flush()  # the section and interface blocks on disk: the child writes after them
+        except OSError as err:
+            raise UserError(f"cannot write {self.opts.write}: {err.strerror}") from None
+        child = privdrop.Reader(self._target, lambda: self._reader_main(writer, reader))
+        writer.hand_off()
+        return child
+
+    def _reader_main(self, writer: PcapngWriter, reader: NflogReader) -> dict[str, Any]:
+        """The forked reader's whole life: the loop, the file closed, the figures for the parent."""
+        try:
+            self._loop(writer, reader)
+        finally:
+            writer.close()
+        return {"stats": dataclasses.asdict(self.stats), "stopped_by": self.stopped_by,
+                "committed": writer.committed, "packets_committed": writer.packets_committed}
+
+    def _adopt(self, result: dict[str, Any], writer: PcapngWriter) -> None:
+        """The reader's figures as if this process had read."""
+        self.stats = CaptureStats(**result["stats"])
+        self.stopped_by = result["stopped_by"]
+        writer.committed, writer.packets_committed = result["committed"], result["packets_committed"]
 
     def _loop(self, writer: PcapngWriter, reader: NflogReader) -> None:
         o = self.opts

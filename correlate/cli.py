@@ -7,20 +7,11 @@ import os
 import sys
 
 from ipsec_capture.errors import UserError
+from ipsec_capture.spi import SPI_HELP, spi_arg
 
 from .packet import VERDICTS
 
 FORMATS = ("text", "json", "html")
-
-
-def _spi(text: str) -> int:
-    try:
-        value = int(text, 16) if text.lower().startswith("0x") else int(text, 16 if len(text) == 8 else 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"SPI {text!r} is not a number (e.g. 0xc0ffee01)") from None
-    if not 0 < value <= 0xFFFFFFFF:
-        raise argparse.ArgumentTypeError(f"SPI {text!r} is out of range (1..0xffffffff)")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="events log instead of the one beside the capture (once per capture, in order)")
     p.add_argument("--keys", action="append", metavar="FILE",
                    help="esp_sa or `ip xfrm state` file instead of the bundle's (once per capture)")
-    p.add_argument("--spi", type=_spi, help="list only packets of this SPI (hex with 0x)")
+    p.add_argument("--spi", type=spi_arg, help=f"list only packets of this SPI, {SPI_HELP}")
     p.add_argument("--verdict", choices=VERDICTS, help="list only packets with this verdict")
     p.add_argument("--cause", help="list only packets with this named cause (e.g. no-state)")
     p.add_argument("--direction", choices=("in", "out"), help="list only inbound or outbound packets")

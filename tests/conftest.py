@@ -12,6 +12,16 @@ from tests.netlab import NetnsPair
 
 IS_ROOT = os.geteuid() == 0
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`long` tests run only when asked for by name (-m long): `-m "not lab"` must stay fast."""
+    if "long" in (config.getoption("markexpr") or ""):
+        return
+    keep = [item for item in items if item.get_closest_marker("long") is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("long")])
+        items[:] = keep
+
 requires_root = pytest.mark.skipif(
     not IS_ROOT, reason="needs root for network namespaces and netfilter (CI runs as root)"
 )

@@ -202,10 +202,9 @@ def test_filters() -> None:
     assert build_filter(None, None) is None
     by_host = build_filter("2001:db8::2", None)
     assert by_host(NATT6) and not by_host(ESP4)
-    by_spi = build_filter(None, "0xc0ffee01")
+    by_spi = build_filter(None, 0xC0FFEE01)
     assert by_spi(ESP4) and not by_spi(NATT6) and not by_spi(IKE4)
-    both = build_filter("192.0.2.1", str(0xC0FFEE01))
+    both = build_filter("192.0.2.1", 0xC0FFEE01)
     assert both(ESP4) and not both(IKE4)
-    for bad in (("nohost", None), (None, "0"), (None, "0x1ffffffff"), (None, "abc")):
-        with pytest.raises(UserError):
-            build_filter(*bad)
+    with pytest.raises(UserError):
+        build_filter("nohost", None)

@@ -15,12 +15,13 @@ marshal threads, and the same socket type serves the multicast monitor (monitor.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, ParamSpec, TypeVar
 
 from ipsec_capture.errors import UserError
 from ipsec_capture.netns import entered
@@ -108,6 +109,7 @@ POLICY_DIRS = {0: "in", 1: "out", 2: "fwd"}
 XFRM_POLICY_MAX = 3
 POLICY_ACTIONS = {0: "allow", 1: "block"}
 XFRM_INF = (1 << 64) - 1  # <linux/xfrm.h> "no limit"
+XFRMA_REPLAY_ESN_MAX = 4096  # <linux/xfrm.h>: bits of an ESN replay bitmap at most
 
 NLMSGHDR = struct.Struct("=IHHII")  # <linux/netlink.h> struct nlmsghdr
 NLATTR = struct.Struct("=HH")  # <linux/netlink.h> struct nlattr
@@ -153,9 +155,35 @@ LIFETIME_CFG_KEYS = (
 LIFETIME_CUR_KEYS = ("bytes", "packets", "add_time", "use_time")
 STATS_KEYS = ("replay_window", "replay", "integrity_failed")
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 _MODE_NUMBERS = {v: k for k, v in MODES.items()}
 _FLAG_BITS = {v: k for k, v in STATE_FLAGS.items()}
 _EXTRA_BITS = {v: k for k, v in EXTRA_FLAGS.items()}
+
+
+class MalformedMessage(ValueError):
+    """An XFRM message that is not what its type says (cut short, an attribute of the wrong size).
+
+    The decoders raise only this (a ValueError): the monitor turns it into an `undecodable`
+    event, a dump into a UserError. The kernel never sends one; a fuzzer or a damaged copy does."""
+
+
+def _decoder(func: Callable[P, R]) -> Callable[P, R]:
+    """Every failure of the wire layout (a struct too short for its fields, a missing byte)
+    becomes MalformedMessage, named after the decoder."""
+
+    @functools.wraps(func)
+    def decode(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except MalformedMessage:
+            raise
+        except (struct.error, IndexError, ValueError, OverflowError) as err:
+            raise MalformedMessage(f"{func.__name__}: {err}") from None
+
+    return decode
 
 
 # --- addresses -----------------------------------------------------------------------------
@@ -199,6 +227,7 @@ def attr(atype: int, payload: bytes) -> bytes:
 
 # --- selector, lifetimes -------------------------------------------------------------------
 
+@_decoder
 def decode_selector(buf: bytes | memoryview, offset: int, fallback_family: int) -> Selector | None:
     (daddr, saddr, dport, _dmask, sport, _smask, family, plen_d, plen_s, proto, ifindex,
      _user) = XFRM_SELECTOR.unpack_from(buf, offset)
@@ -245,6 +274,7 @@ def _cname(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("ascii", "replace")
 
 
+@_decoder
 def decode_algo(payload: bytes, kind: int) -> Algorithm:
     """xfrm_algo (crypt/comp/auth), xfrm_algo_auth (auth-trunc) or xfrm_algo_aead."""
     if kind in (XFRMA_ALG_AUTH_TRUNC, XFRMA_ALG_AEAD):
@@ -268,6 +298,7 @@ def encode_algo(alg: Algorithm, kind: int) -> bytes:
 
 # --- states --------------------------------------------------------------------------------
 
+@_decoder
 def decode_usersa(info: bytes | memoryview, attrs: dict[int, bytes]) -> SA:
     """An SA from a struct xfrm_usersa_info and the attributes that followed it."""
     if len(info) < XFRM_USERSA_INFO_LEN:
@@ -314,6 +345,8 @@ def decode_usersa(info: bytes | memoryview, attrs: dict[int, bytes]) -> SA:
     if XFRMA_REPLAY_ESN_VAL in attrs:
         raw = attrs[XFRMA_REPLAY_ESN_VAL]
         bmp_len, oseq, seq, oseq_hi, seq_hi, window = XFRM_REPLAY_STATE_ESN.unpack_from(raw)
+        if bmp_len > XFRMA_REPLAY_ESN_MAX // 32 or window > 32 * bmp_len:  # xfrm_user.c verify_replay
+            raise MalformedMessage(f"replay state of {bmp_len} bitmap words for a window of {window}")
         words = struct.unpack_from(f"={bmp_len}I", raw, XFRM_REPLAY_STATE_ESN.size)
         bitmap = sum(w << (32 * i) for i, w in enumerate(words))
         sa.replay = Replay(seq=seq, oseq=oseq, seq_hi=seq_hi, oseq_hi=oseq_hi, bitmap=bitmap,
@@ -416,6 +449,7 @@ def encode_state(sa: SA) -> bytes:
     return NLMSGHDR.pack(NLMSGHDR.size + len(body), XFRM_MSG_NEWSA, NLM_F_MULTI, 0, 0) + body
 
 
+@_decoder
 def decode_state(msg: bytes) -> SA:
     """An SA from one XFRM_MSG_NEWSA / UPDSA message (nlmsghdr included)."""
     body = memoryview(msg)[NLMSGHDR.size:NLMSGHDR.unpack_from(msg)[0]]
@@ -424,6 +458,7 @@ def decode_state(msg: bytes) -> SA:
 
 # --- policies ------------------------------------------------------------------------------
 
+@_decoder
 def decode_tmpl(raw: bytes | memoryview, offset: int) -> Template:
     daddr, spi, proto = XFRM_ID.unpack_from(raw, offset)
     (family, saddr, reqid, mode, _share, optional, _a, _e, _c) = XFRM_USER_TMPL_TAIL.unpack_from(
@@ -442,6 +477,7 @@ def encode_tmpl(t: Template) -> bytes:
         1 if t.level == "use" else 0, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF)
 
 
+@_decoder
 def decode_userpolicy(info: bytes | memoryview, attrs: dict[int, bytes]) -> Policy:
     """A policy from a struct xfrm_userpolicy_info and its attributes."""
     if len(info) < XFRM_USERPOLICY_INFO_LEN:
@@ -467,12 +503,20 @@ def decode_userpolicy(info: bytes | memoryview, attrs: dict[int, bytes]) -> Poli
     return pol
 
 
+def _direction_number(name: str) -> int:
+    """decode_userpolicy's direction name back to its number; a number it had no name for was
+    kept as its digits ("socket-200": per-socket direction 200, not 203)."""
+    dirs = {v: k for k, v in POLICY_DIRS.items()}
+    if name.startswith("socket-"):
+        base = name[7:]
+        return dirs[base] + XFRM_POLICY_MAX if base in dirs else int(base)
+    return dirs[name] if name in dirs else int(name)
+
+
 def encode_policy(pol: Policy) -> bytes:
     """A whole XFRM_MSG_NEWPOLICY message for `pol`."""
     fam = pol.selector.family or family_of(pol.selector.dst)
-    dirs = {v: k for k, v in POLICY_DIRS.items()}
-    name = pol.direction
-    dnum = dirs[name[7:]] + XFRM_POLICY_MAX if name.startswith("socket-") else dirs[name]
+    dnum = _direction_number(pol.direction)
     info = (encode_selector(pol.selector, fam) + _pack_lifetimes(pol.lifetime_cfg, pol.lifetime_cur)
             + XFRM_USERPOLICY_TAIL.pack(pol.priority, pol.index, dnum,
                                         1 if pol.action == "block" else 0, 0, 0))
@@ -487,6 +531,7 @@ def encode_policy(pol: Policy) -> bytes:
     return NLMSGHDR.pack(NLMSGHDR.size + len(body), XFRM_MSG_NEWPOLICY, NLM_F_MULTI, 0, 0) + body
 
 
+@_decoder
 def decode_policy(msg: bytes) -> Policy:
     body = memoryview(msg)[NLMSGHDR.size:NLMSGHDR.unpack_from(msg)[0]]
     return decode_userpolicy(body[:XFRM_USERPOLICY_INFO_LEN], parse_attrs(body, XFRM_USERPOLICY_INFO_LEN))
@@ -549,12 +594,20 @@ def _dump(msg_type: int, netns: str | None) -> Iterator[memoryview]:
 
 def dump_states(netns: str | None = None) -> list[SA]:
     """Every SA of the namespace, keys included."""
-    return [decode_state(bytes(m)) for m in _dump(XFRM_MSG_GETSA, netns)]
+    try:
+        return [decode_state(bytes(m)) for m in _dump(XFRM_MSG_GETSA, netns)]
+    except MalformedMessage as err:
+        raise UserError(f"the kernel's XFRM state dump has a message we cannot decode ({err}): "
+                        "please report it with `ip xfrm state` output") from None
 
 
 def dump_policies(netns: str | None = None) -> list[Policy]:
     """Every policy of the namespace (main and per-socket), templates included."""
-    return [decode_policy(bytes(m)) for m in _dump(XFRM_MSG_GETPOLICY, netns)]
+    try:
+        return [decode_policy(bytes(m)) for m in _dump(XFRM_MSG_GETPOLICY, netns)]
+    except MalformedMessage as err:
+        raise UserError(f"the kernel's XFRM policy dump has a message we cannot decode ({err}): "
+                        "please report it with `ip xfrm policy` output") from None
 
 
 def state_summary(sa: SA) -> dict[str, Any]:
