@@ -12,6 +12,7 @@ from ipsec_capture.errors import UserError, require_root
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .daemons import CHILDREN
     from .faults import FAULTS
     from .scenarios import SCENARIOS
 
@@ -28,13 +29,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         return p
 
     scen = "; ".join(f"{s.name}: {s.summary}" for s in SCENARIOS.values())
-    p = with_prefix(lsub.add_parser("up", help="build a scenario", description=f"Scenarios: {scen}."))
-    p.add_argument("--scenario", default="gcm", choices=list(SCENARIOS), help="default: gcm")
+    kids = "; ".join(f"{c.name}: {c.summary}" for c in CHILDREN.values())
+    p = with_prefix(lsub.add_parser(
+        "up", help="build a scenario", description=f"Scenarios keyed by `ip xfrm`: {scen}. With --daemon the "
+        f"SAs come from IKEv2 (PSK) between two real daemons, one per namespace; scenarios: ike (every "
+        f"child) or one child of: {kids}."))
+    p.add_argument("--scenario", help="default: gcm, or ike with --daemon")
+    p.add_argument("--daemon", choices=("strongswan", "libreswan"),
+                   help="negotiate the SAs with this IKE daemon instead of typing them in")
     p.set_defaults(func=cmd_up)
 
     p = with_prefix(lsub.add_parser("traffic", help="send ping/UDP both ways and report sent/received"))
     p.add_argument("--count", type=int, default=5, help="packets per direction and protocol (default 5)")
     p.add_argument("--proto", choices=("icmp", "udp", "both"), default="both")
+    p.add_argument("--child", choices=list(CHILDREN), help="a daemon lab: only this child's path")
+    p.add_argument("--first", type=int, default=0, help="number the UDP datagrams from here (default 0)")
     p.set_defaults(func=cmd_traffic)
 
     p = with_prefix(lsub.add_parser("down", help="remove the lab's namespaces, helpers and state"))
@@ -49,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "fault", help="break the lab on purpose and show the xfrm_stat counter it moves",
         description=f"Faults: {faults}. Exit code 0 if the expected counter rose, 1 if not."))
     p.add_argument("fault", choices=list(FAULTS))
+    p.add_argument("--child", choices=list(CHILDREN), help="rekey: only this child (default: every child)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_fault)
 
@@ -69,10 +79,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from . import scenarios
+    from . import daemons, scenarios
+    from .daemons import CHILDREN
 
     require_root("lab up")
-    state = scenarios.up(args.scenario, args.prefix)
+    name = args.scenario or ("ike" if args.daemon else "gcm")
+    state = scenarios.up(name, args.prefix, daemon=args.daemon or "")
+    if state.daemon:
+        print(f"lab {state.prefix} up: {state.daemon} between {state.left} and {state.right}, "
+              f"children {', '.join(state.children)}")
+        for c in state.children:
+            spis = sorted({sa.spi for sa in scenarios.child_sas(state.left, c)})
+            print(f"  {c}: {CHILDREN[c].summary}; SPIs {', '.join(f'{s:#010x}' for s in spis)}")
+        print(f"  configs and logs in {daemons.side_dir(state.prefix, 'left').parent}; "
+              f"state in {scenarios.state_path(state.prefix)}")
+        return 0
     spec = state.spec
     print(f"lab {state.prefix} up: {spec.name} ({spec.summary})")
     print(f"  {state.left} {state.left_host} <-> {state.right} {state.right_host} over {scenarios.DEV}")
@@ -89,7 +110,10 @@ def cmd_traffic(args: argparse.Namespace) -> int:
     if args.count < 1:
         raise UserError("--count must be at least 1")
     state = LabState.load(args.prefix)
-    results = traffic.exchange(state, args.count, args.proto)
+    if args.child and args.child not in state.children:
+        raise UserError(f"--child {args.child}: this lab's children are "
+                        f"{', '.join(state.children) or 'none (no daemon)'}")
+    results = traffic.exchange(state, args.count, args.proto, args.child, args.first)
     for r in results:
         print(r.line())
     return 0 if all(r.ok for r in results) else 1
@@ -112,7 +136,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(asdict(state), indent=1))
         return 0
-    print(f"lab {state.prefix}: {state.scenario} ({state.spec.summary})")
+    what = f"{state.daemon}, children {', '.join(state.children)}" if state.daemon else state.spec.summary
+    print(f"lab {state.prefix}: {state.scenario} ({what})")
     for side in ("left", "right"):
         ns = state.netns(side)
         counts = scenarios.sa_packets(ns)
@@ -128,7 +153,7 @@ def cmd_fault(args: argparse.Namespace) -> int:
     from .scenarios import LabState
 
     require_root("lab fault")
-    result = inject(LabState.load(args.prefix), args.fault)
+    result = inject(LabState.load(args.prefix), args.fault, args.child)
     if args.json:
         print(json.dumps(asdict(result) | {"moved": result.moved}))
     else:
