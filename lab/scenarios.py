@@ -243,9 +243,10 @@ def mac_of(netns: str) -> str:
     return json.loads(run("ip", "-j", "-n", netns, "link", "show", DEV).stdout)[0]["address"]
 
 
-def up(name: str, prefix: str = "lab", daemon: str = "") -> LabState:
+def up(name: str, prefix: str = "lab", daemon: str = "", connect: bool = True) -> LabState:
     """Build the namespaces, link, addresses, SAs and policies of scenario `name` (with `daemon`,
-    the daemon scenario `name`'s children, negotiated by that IKE daemon)."""
+    the daemon scenario `name`'s children, negotiated by that IKE daemon; unless `connect` is
+    false: then the daemons wait for `connect()`, e.g. until a capture has started)."""
     spec = child_scenario(daemons.children_of(name)[0].name) if daemon else scenario(name)
     if daemon:
         daemons.daemon(daemon)  # an unknown daemon is refused before anything is built
@@ -266,7 +267,7 @@ def up(name: str, prefix: str = "lab", daemon: str = "") -> LabState:
         state.left_net, state.right_net = first.ts("left"), first.ts("right")
     try:
         if daemon:
-            build_daemon_lab(state)
+            build_daemon_lab(state, connect)
         else:
             build(state)
     except BaseException:
@@ -276,7 +277,7 @@ def up(name: str, prefix: str = "lab", daemon: str = "") -> LabState:
     return state
 
 
-def build_daemon_lab(state: LabState) -> None:
+def build_daemon_lab(state: LabState, connect_now: bool = True) -> None:
     """Both hosts with every child's addresses and routes, then the daemons negotiate the SAs."""
     children = [daemons.CHILDREN[c] for c in state.children]
     for ns in (state.left, state.right):
@@ -307,8 +308,17 @@ def build_daemon_lab(state: LabState) -> None:
     for side in ("left", "right"):
         state.pids[side] = d.start(state.prefix, side, state.netns(side))
     state.save()  # from here on `lab down` can stop the daemons even if initiating fails
-    d.initiate(state.prefix, children)
+    if connect_now:
+        connect(state)
+
+
+def connect(state: LabState) -> None:
+    """The left daemon initiates every child (IKE_SA_INIT, IKE_AUTH, CREATE_CHILD_SA)."""
+    if not state.daemon:
+        raise UserError(f"lab {state.prefix} has no IKE daemon: its SAs are up since `lab up`")
+    daemons.daemon(state.daemon).initiate(state.prefix, [daemons.CHILDREN[c] for c in state.children])
     refresh_keys(state)
+    state.save()
 
 
 def child_sas(netns: str, child: str) -> list[SA]:
