@@ -16,9 +16,9 @@ What is Cilium's:
   optional tmpl), and the catch-all default drop: out, mark 0xe00/0xf00, priority 100, block
   (IPsecDefaultDropPolicy: where XfrmOutPolBlock comes from).
 What is simplified: Cilium's BPF programs set the marks; here nft rules in each node do (mangle
-output: the encrypt mark by destination pod CIDR; mangle prerouting: the decrypt mark by the ESP
-packet's source node). Pods are one address on a dummy device per node (native routing, no
-VXLAN, no proxy or overlay policies), node IDs are 1..3, boot IDs random per `up`.
+output: the encrypt mark by destination pod CIDR; prerouting ahead of the raw table: the decrypt
+mark by the ESP packet's source node). Pods are one address on a dummy device per node (native
+routing, no VXLAN, no proxy or overlay policies), node IDs are 1..3, boot IDs random per `up`.
 
 Faults: `rotation-race` (node 1 replaced its inbound state for node 2 by a new SPI, as a key
 rotation does, while node 2 still sends on the old SPI: XfrmInNoStates on node 1 for node 2's
@@ -170,14 +170,15 @@ def node_lines(c: ClusterState, node: int) -> list[str]:
 
 def mark_rules(node: int) -> str:
     """What Cilium's BPF does to skb->mark, as nft rules: encrypt mark by destination pod CIDR on
-    the way out, decrypt mark by the source node of an inbound ESP packet."""
+    the way out, decrypt mark by the source node of an inbound ESP packet (prerouting at -350,
+    before the raw table and a capture's rules there: Cilium marks at tc ingress, before netfilter)."""
     peers = [p for p in range(1, NODES + 1) if p != node]
     out = "\n".join(f"    ip daddr {pod_net(p)} meta mark set {encrypt_mark(p):#x}" for p in peers)
     pre = "\n".join(f"    ip saddr {node_ip(p)} meta l4proto esp meta mark set "
                     f"{decrypt_mark(p):#x}" for p in peers)
     return (f"table ip cilium_lab {{\n  chain output {{\n    type route hook output priority "
             f"mangle;\n{out}\n  }}\n"
-            f"  chain prerouting {{\n    type filter hook prerouting priority mangle;\n{pre}\n  }}\n}}\n")
+            f"  chain prerouting {{\n    type filter hook prerouting priority -350;\n{pre}\n  }}\n}}\n")
 
 
 def up(prefix: str) -> ClusterState:
