@@ -4,7 +4,9 @@ IKE daemons rekey every hour or so, and MOBIKE moves SAs: a table dumped once at
 the SAs that carry the end of the capture. The keeper subscribes to the XFRM monitor *before*
 dumping (so nothing slips between dump and subscription), writes the table, and rewrites it
 atomically (0600) whenever an SA appears or changes. Deleted SAs stay in the table: packets
-captured before the delete still need their keys.
+captured before the delete still need their keys. One row per kernel state: states are told
+apart as the kernel tells them, by (destination, SPI, protocol, mark), so Cilium's inbound states
+(one SPI for every peer, `src 0.0.0.0`, a mark per peer) each keep their own key.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from .netlink import dump_states
 from .sa import SA
 
 
+def state_id(sa: SA) -> tuple[str, int, int, tuple[int, int] | None]:
+    """What the kernel looks a state up by (xfrm_state_lookup: mark, daddr, SPI, proto)."""
+    return (*sa.key_id, sa.mark)
+
+
 class KeyFileKeeper:
     """Companion for `start`: `start()` dumps and writes, then follows; `stop()` summarises."""
 
@@ -30,7 +37,7 @@ class KeyFileKeeper:
         self.path = os.fspath(path)
         self.netns = netns
         self.columns = columns_for(columns)
-        self._sas: dict[tuple[str, int, int], SA] = {}
+        self._sas: dict[tuple[str, int, int, tuple[int, int] | None], SA] = {}
         self._lock = threading.Lock()
         self._monitor: XfrmMonitor | None = None
         self._thread: threading.Thread | None = None
@@ -43,7 +50,7 @@ class KeyFileKeeper:
     def start(self) -> None:
         self._monitor = XfrmMonitor(self.netns)  # subscribe first: no gap before the dump
         for sa in dump_states(self.netns):
-            self._sas[sa.key_id] = sa
+            self._sas[state_id(sa)] = sa
         self._write()
         self._thread = threading.Thread(target=self._follow, name="ipsec-capture-keys", daemon=True)
         self._thread.start()
@@ -55,7 +62,7 @@ class KeyFileKeeper:
             if sa is None or kind not in ("sa-new", "sa-update", "sa-delete", "expire"):
                 continue
             with self._lock:
-                known = sa.key_id in self._sas
+                known = state_id(sa) in self._sas
                 if kind == "sa-delete" or kind == "expire":
                     self.deletes += kind == "sa-delete"
                     if known:
@@ -64,7 +71,7 @@ class KeyFileKeeper:
                     self.rekeys += 1
                 else:
                     self.updates += 1
-                self._sas[sa.key_id] = sa
+                self._sas[state_id(sa)] = sa
                 self._write()
 
     def _write(self) -> None:
