@@ -147,24 +147,34 @@ def _packed(addr: str) -> bytes | None:
         return None  # wildcard ("*", "any") or garbage: found by SPI only
 
 
+def _keys(sa: SA) -> tuple[bytes, ...]:
+    return tuple(a.key for a in (sa.aead, sa.enc, sa.auth) if a is not None)
+
+
 class EspDecoder:
     """Decrypts ESP packets with a set of SAs, looked up by (destination, SPI) and, because NAT
-    may rewrite addresses, by SPI alone when the pair is unknown."""
+    may rewrite addresses, by SPI alone when the pair is unknown. Several SAs may share one
+    (destination, SPI) with other keys (Cilium: one SPI for every node pair, the inbound states
+    `src 0.0.0.0` told apart only by a mark the packet does not carry in its bytes): then each
+    is tried until one verifies."""
 
-    __slots__ = ("_by_dst", "_by_spi", "_by_v4", "_scratch", "_scratch_view")
+    __slots__ = ("_by_dst", "_by_spi", "_by_v4", "_scratch", "_scratch_view", "_shared")
 
     def __init__(self, sas: Iterable[SA] = ()) -> None:
         self._by_dst: dict[tuple[bytes | None, int], _Context] = {}
         self._by_spi: dict[int, list[_Context]] = {}
         self._by_v4: dict[int, _Context] = {}  # the IPv4 entries of _by_dst, keyed dst << 32 | SPI
+        self._shared: dict[tuple[bytes | None, int], list[_Context]] = {}  # (dst, SPI) of several keys
         self._scratch = bytearray(0)  # where decrypt() lets decrypt_into write
         self._scratch_view = memoryview(self._scratch)
         for sa in sas:
             self.add(sa)
 
     def add(self, sa: SA) -> None:
-        """Add an SA, replacing one with the same (dst, SPI); builds its ciphers now. An SA we
-        cannot decrypt still matches, so its packets say `unsupported` and why, not `no-sa`."""
+        """Add an SA, replacing one with the same (dst, SPI) and keys; builds its ciphers now. One
+        with the same (dst, SPI) and other keys is kept beside it (tried in turn, no fast lane).
+        An SA we cannot decrypt still matches, so its packets say `unsupported` and why, not
+        `no-sa`."""
         try:
             transform, problem = transform_for(sa), ""
         except UnsupportedSA as err:
@@ -178,17 +188,31 @@ class EspDecoder:
                        window=replay.window or _DEFAULT_WINDOW, dst=_packed(sa.dst))
         ctx.lane = _lane(ctx)
         key = (ctx.dst, sa.spi)
+        same_spi = self._by_spi.setdefault(sa.spi, [])
+        shared = self._shared.get(key)
         old = self._by_dst.get(key)
+        if shared is None and old is not None and _keys(old.sa) != _keys(sa):
+            shared = self._shared[key] = [old]
+        if shared is not None:
+            twin = next((c for c in shared if _keys(c.sa) == _keys(sa)), None)
+            if twin is not None:
+                shared.remove(twin)
+                same_spi.remove(twin)
+            shared.append(ctx)
+            same_spi.append(ctx)
+            self._by_dst[key] = shared[0]
+            if ctx.dst is not None:
+                self._by_v4.pop(int.from_bytes(ctx.dst, "big") << 32 | sa.spi, None)
+            return
         self._by_dst[key] = ctx
         if ctx.dst is not None and len(ctx.dst) == 4 and sa.spi:  # SPI 0 is never ESP: not found
             self._by_v4[int.from_bytes(ctx.dst, "big") << 32 | sa.spi] = ctx
-        same_spi = self._by_spi.setdefault(sa.spi, [])
         if old is not None:
             same_spi.remove(old)
         same_spi.append(ctx)
 
     def __len__(self) -> int:
-        return len(self._by_dst)
+        return sum(len(same) for same in self._by_spi.values())
 
     def lane(self, dst_spi: int) -> Lane | None:
         """The fast lane (see _lane) of the SA for IPv4 destination and SPI as one 64-bit number
@@ -240,9 +264,11 @@ class EspDecoder:
         spi, seq_lo = _ESP.unpack_from(pkt, pos)
         if spi == 0:
             return DecryptResult(NOT_ESP, detail="SPI 0 is reserved")
-        ctx = self._by_dst.get((bytes(pkt[dst_start:dst_end]), spi))
-        if ctx is None:
-            return self._decrypt_by_spi(pkt, spi, seq_lo, pos, header_len, proto_at, length, buf, out, at)
+        dst = bytes(pkt[dst_start:dst_end])
+        ctx = self._by_dst.get((dst, spi))
+        if ctx is None or (dst, spi) in self._shared:
+            return self._decrypt_by_spi(pkt, spi, seq_lo, pos, header_len, proto_at, length, buf, out, at,
+                                        self._shared.get((dst, spi)))
         # the usual case: one SA for (destination, SPI), the packet captured whole
         if length != len(pkt):
             if length > len(pkt):
@@ -253,11 +279,11 @@ class EspDecoder:
         return self._open(ctx, pkt, spi, seq_lo, pos, header_len, proto_at, buf, out, at)
 
     def _decrypt_by_spi(self, pkt: memoryview, spi: int, seq_lo: int, pos: int, header_len: int,
-                        proto_at: int, length: int, buf: bytearray, out: memoryview, at: int
-                        ) -> DecryptResult:
+                        proto_at: int, length: int, buf: bytearray, out: memoryview, at: int,
+                        candidates: list[_Context] | None = None) -> DecryptResult:
         """No SA for (destination, SPI): NAT may have rewritten the address, so every SA with the
-        SPI is tried until one verifies."""
-        candidates = self._by_spi.get(spi)
+        SPI is tried until one verifies (or every SA of a shared (destination, SPI): `candidates`)."""
+        candidates = candidates or self._by_spi.get(spi)
         if not candidates:
             return DecryptResult(NO_SA, spi, seq_lo, detail=f"no SA for SPI 0x{spi:08x}")
         if length > len(pkt):
