@@ -21,7 +21,12 @@ APT_PACKAGES=(
   chromium                                    # the HTML report test takes a screenshot
   prometheus                                  # `watch` tests: a real Prometheus server and promtool
   procps kmod ca-certificates iputils-ping ncat
+  strongswan-charon strongswan-swanctl libstrongswan-standard-plugins  # `lab up --daemon strongswan`
 )
+# `lab up --daemon libreswan`: Debian's libreswan conflicts with strongswan-charon, so it is unpacked
+# (with the libraries it needs that are not installed here) into a private root pluto runs from.
+LIBRESWAN_DEBS=(libreswan libnss3-tools libevent-pthreads-2.1-7 libldns3 libcurl3-nss)
+LIBRESWAN_ROOT=${IPSEC_CAPTURE_LIBRESWAN_ROOT:-/var/cache/ipsec-capture/libreswan}
 
 say() { printf '[dev.sh] %s\n' "$*" >&2; }
 
@@ -51,6 +56,23 @@ install_apt() {
   fi
 }
 
+unpack_libreswan() {
+  [ -x "$LIBRESWAN_ROOT/usr/libexec/ipsec/pluto" ] && return 0
+  say "libreswan: unpacking ${LIBRESWAN_DEBS[*]} into $LIBRESWAN_ROOT"
+  local dl
+  dl=$(mktemp -d)
+  chmod 755 "$dl"  # apt-get download fetches as the _apt user
+  (cd "$dl" && apt-get download -q "${LIBRESWAN_DEBS[@]}") >/tmp/ipsec-capture-apt.log 2>&1 \
+    || { apt-get update -q >/dev/null; (cd "$dl" && apt-get download -q "${LIBRESWAN_DEBS[@]}") \
+           >/tmp/ipsec-capture-apt.log 2>&1; } \
+    || { tail -n 20 /tmp/ipsec-capture-apt.log >&2; say "apt-get download libreswan failed"; exit 1; }
+  rm -rf "$LIBRESWAN_ROOT.tmp"
+  mkdir -p "$LIBRESWAN_ROOT.tmp"
+  for deb in "$dl"/*.deb; do dpkg-deb -x "$deb" "$LIBRESWAN_ROOT.tmp"; done
+  rm -rf "$dl" "$LIBRESWAN_ROOT"
+  mv "$LIBRESWAN_ROOT.tmp" "$LIBRESWAN_ROOT"
+}
+
 install_venv() {
   if [ ! -x "$PY" ]; then
     say "creating $VENV"
@@ -71,7 +93,7 @@ install_venv() {
   fi
 }
 
-setup() { install_apt; install_venv; }
+setup() { install_apt; unpack_libreswan; install_venv; }
 
 case "${1:-}" in
   setup|demo|test|bench) as_root "$@" ;;

@@ -226,7 +226,7 @@ class CounterAttribution:
     def _own_fit(self, p: Packet, cause: str) -> int:
         """1 when the packet's own state fits the cause: no SA for its SPI, or our ICV check."""
         if cause == "no-state" and p.spi is not None:
-            return 1 if self.history.at(p.spi, p.time_ns, p.netns) is None else 0
+            return 1 if self.history.of_packet(p) is None else 0
         if cause == "icv-fail" and p.decrypt == "icv-fail":
             return 1
         return 0

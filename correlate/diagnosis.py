@@ -45,10 +45,11 @@ def _sa_evidence(p: Packet, history: SaHistory) -> None:
     if p.spi is None:
         return
     if p.sa is None:
-        gone = history.deleted_before(p.spi, p.time_ns)
+        gone = history.deleted_before(p.spi, p.time_ns, p.dst, p.state_mark)
         if gone is not None and gone.end_ns is not None:
             ago = (p.time_ns - gone.end_ns) / 1e9
-            p.evidence.append(f"SA spi 0x{p.spi:08x} ({gone.src} -> {gone.dst}) deleted at "
+            mark = "" if gone.mark is None else f" mark 0x{gone.mark[0]:x}/0x{gone.mark[1]:x}"
+            p.evidence.append(f"SA spi 0x{p.spi:08x} ({gone.src} -> {gone.dst}{mark}) deleted at "
                               f"{fmt_time(gone.end_ns)}, {ago:.3f} s before this packet")
         elif history.by_spi:
             p.evidence.append(f"no SA with spi 0x{p.spi:08x} in the SA snapshot or monitor events")
@@ -85,7 +86,7 @@ def finish(p: Packet, ctx: Context) -> None:
     before `diagnose` (which would reach the same verdict through all its rules)."""
     history = ctx.history
     if history.by_spi and p.spi is not None and p.sa is None:
-        p.sa = history.at(p.spi, p.time_ns, p.netns)
+        p.sa = history.of_packet(p)
     events = p.events
     if len(events) == 1 and p.cause is None and not p.clear and p.direction != "out" and p.kind != CLEAR \
             and ctx.drop_source:
@@ -110,7 +111,7 @@ def diagnose(p: Packet, ctx: Context) -> None:
     """Set p.verdict, p.cause and p.evidence (appending to what the join already noted)."""
     history = ctx.history
     if history.by_spi and p.spi is not None and p.sa is None:
-        p.sa = history.at(p.spi, p.time_ns, p.netns)
+        p.sa = history.of_packet(p)
     cause = None
     for ev in p.events:
         if ev.source == "kprobe" and ev.kind in ANCHOR_CAUSES:

@@ -90,6 +90,12 @@ class Packet:
 
         return scapy_pair(self.record.payload, keys)
 
+    @property
+    def state_mark(self) -> int | None:
+        """The skb mark an inbound state lookup matches (none logged: 0); None outbound, where
+        the state is chosen by the inner packet's mark, which the ESP record does not carry."""
+        return (self.record.mark or 0) if self.direction == "in" else None
+
     def to_dict(self) -> dict[str, Any]:
         """The per-packet row of the JSON report and the notebook table."""
         return {

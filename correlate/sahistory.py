@@ -3,7 +3,10 @@ start and the XFRM monitor events after it.
 
 The join asks "was there an SA for SPI X at time T, and if not, was one deleted before, when?"
 for every packet it cannot explain, so lookups are by (SPI) with a short list of lifetimes each.
-Memory grows with the number of SAs, never with packets.
+Memory grows with the number of SAs, never with packets. Several SAs may hold one SPI at once
+(Cilium: the same SPI for every node pair, inbound states `src 0.0.0.0` told apart by a mark):
+a lookup given the packet's destination and, inbound, its mark picks the one the kernel would
+(xfrm_state_lookup: mark, daddr, SPI).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class SaLife:
     expired_ns: int | None = None  # hard expire seen
     soft_expired_ns: int | None = None
     from_snapshot: bool = False
+    mark: tuple[int, int] | None = None  # (value, mask) the state matches skb->mark against
 
     def alive(self, t: int) -> bool:
         return (self.start_ns is None or self.start_ns <= t) and (self.end_ns is None or t < self.end_ns)
@@ -41,7 +45,22 @@ class SaLife:
         return {"spi": f"0x{self.spi:08x}", "src": self.src, "dst": self.dst, "netns": self.netns,
                 "mode": self.mode, "reqid": self.reqid, "encap": self.encap, "algorithm": self.algorithm,
                 "start_ns": self.start_ns, "end_ns": self.end_ns, "expired_ns": self.expired_ns,
-                "from_snapshot": self.from_snapshot}
+                "from_snapshot": self.from_snapshot, "mark": None if self.mark is None else list(self.mark)}
+
+
+def _mark(d: dict[str, Any]) -> tuple[int, int] | None:
+    m = d.get("mark")
+    return (int(m[0]), int(m[1])) if isinstance(m, list | tuple) and len(m) == 2 and m[1] else None
+
+
+def _chosen(lives: list[SaLife], dst: str | None, mark: int | None) -> list[SaLife]:
+    """The lives a packet to `dst` (with skb mark `mark`, inbound) can belong to: those of its
+    destination when any has it (else all: NAT may have rewritten it), whose mark matches."""
+    if dst is not None and any(life.dst == dst for life in lives):
+        lives = [life for life in lives if life.dst == dst]
+    if mark is not None:
+        lives = [life for life in lives if life.mark is None or mark & life.mark[1] == life.mark[0]]
+    return lives
 
 
 def _sa_dict(ev: Event) -> dict[str, Any] | None:
@@ -102,8 +121,10 @@ class SaHistory:
     def _current(self, ev: Event) -> SaLife | None:
         spi, d = self._spi_of(ev)
         dst = (d or {}).get("dst") or (ev.tuple or {}).get("dst")
+        mark = _mark(d or {})
         for life in reversed(self.by_spi.get(spi, ()) if spi is not None else ()):
             if life.end_ns is None and (dst is None or life.dst == dst) and \
+                    (d is None or "mark" not in d or life.mark == mark) and \
                     (ev.netns is None or life.netns is None or life.netns == ev.netns):
                 return life
         return None
@@ -118,21 +139,32 @@ class SaHistory:
                       dst=str(d.get("dst") or tup.get("dst") or "?"), netns=ev.netns,
                       mode=str(d.get("mode") or ""), reqid=int(d.get("reqid") or 0),
                       encap=bool(d.get("encap")), algorithm=_algorithm(d),
-                      start_ns=None if snapshot else ev.time_ns, from_snapshot=snapshot)
+                      start_ns=None if snapshot else ev.time_ns, from_snapshot=snapshot, mark=_mark(d))
         self.by_spi.setdefault(spi, []).append(life)
         return life
 
-    def at(self, spi: int, t: int, netns: int | None = None) -> SaLife | None:
-        """The SA holding `spi` at `t`, if any."""
-        for life in reversed(self.by_spi.get(spi, ())):
+    def at(self, spi: int, t: int, netns: int | None = None, dst: str | None = None,
+           mark: int | None = None) -> SaLife | None:
+        """The SA holding `spi` at `t` (for a packet to `dst`; inbound, with skb mark `mark`)."""
+        for life in reversed(_chosen(self.by_spi.get(spi, []), dst, mark)):
             if life.alive(t) and (netns is None or life.netns is None or life.netns == netns):
                 return life
         return None
 
-    def deleted_before(self, spi: int, t: int) -> SaLife | None:
-        """The latest SA with `spi` deleted at or before `t`."""
+    def of_packet(self, p: Any) -> SaLife | None:
+        """`at` for a joined packet (correlate.packet.Packet). Its destination (a string to build)
+        and mark are looked at only when the SAs sharing its SPI differ in them (Cilium: one SPI
+        for every node pair): the join calls this for nearly every packet."""
+        lives = self.by_spi.get(p.spi, ())
+        if len(lives) > 1 and len({(life.dst, life.mark) for life in lives}) > 1:
+            return self.at(p.spi, p.time_ns, p.netns, p.dst, p.state_mark)
+        return self.at(p.spi, p.time_ns, p.netns)
+
+    def deleted_before(self, spi: int, t: int, dst: str | None = None, mark: int | None = None
+                       ) -> SaLife | None:
+        """The latest SA with `spi` (to `dst`, matching `mark`) deleted at or before `t`."""
         best = None
-        for life in self.by_spi.get(spi, ()):
+        for life in _chosen(self.by_spi.get(spi, []), dst, mark):
             if life.end_ns is not None and life.end_ns <= t and (best is None or life.end_ns > best.end_ns):
                 best = life
         return best
@@ -144,9 +176,9 @@ class SaHistory:
         return [life for lives in self.by_spi.values() for life in lives]
 
     def rekeys(self, life: SaLife) -> int:
-        """How many other SAs the same tunnel (src, dst, reqid) had in the capture."""
+        """How many other SAs the same tunnel (src, dst, reqid, mark) had in the capture."""
         if not life.reqid:
             return 0
         return sum(1 for other in self.lives()
                    if other is not life and other.reqid == life.reqid and other.src == life.src
-                   and other.dst == life.dst)
+                   and other.dst == life.dst and other.mark == life.mark)

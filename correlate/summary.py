@@ -16,6 +16,7 @@ from .causes import CAUSES
 from .diagnosis import fmt_time
 from .join import Joiner
 from .packet import FAILED, OK, UNKNOWN, Packet
+from .sahistory import SaLife
 
 
 @dataclass(slots=True)
@@ -94,13 +95,17 @@ class Summary:
         self.packet_limit = packet_limit
         self.bucket_ns = bucket_ns
         self.max_buckets = max_buckets
-        self.rows: dict[tuple[int | None, str, int | None], SaRow] = {}
+        # (SPI, direction, netns, which state): SAs sharing an SPI (Cilium) get a row each. Inbound
+        # the packet's mark tells the states apart as the kernel does (and keeps a deleted state's
+        # late packets in its row); outbound the joined SA life does (by destination)
+        self.rows: dict[tuple[int | None, str, int | None, int], SaRow] = {}
+        self._row_life: dict[tuple[int | None, str, int | None, int], SaLife] = {}
         self.drops: dict[tuple[str, int | None, str], DropGroup] = {}
         self.packets: list[Packet] = []
         self.matched = 0
         self.rate: dict[str, dict[int, int]] = {}  # SA label -> bucket -> packets
         # (SPI, direction, netns) -> its row and its label's rate series
-        self._row_rate: dict[tuple[int | None, str, int | None], tuple[SaRow, dict[int, int]]] = {}
+        self._row_rate: dict[tuple[int | None, str, int | None, int], tuple[SaRow, dict[int, int]]] = {}
         self.errors: dict[str, dict[int, int]] = {}  # cause -> bucket -> packets
         self.first_ns: int | None = None
         self.last_ns: int | None = None
@@ -137,7 +142,10 @@ class Summary:
         last = self.last_ns
         if last is None or t > last:
             self.last_ns = t
-        key = (p.spi, p.direction, p.netns)
+        sa = p.sa
+        direction = p.direction
+        key = (p.spi, direction, p.netns, (p.record.mark or 0) if direction == "in" else
+               0 if sa is None else id(sa))
         found = self._row_rate.get(key)
         if found is None:
             found = self._new_row(p, key, t)
@@ -165,11 +173,13 @@ class Summary:
                 self.packets.append(p)
                 self._room = self.packet_limit <= 0 or len(self.packets) < self.packet_limit
 
-    def _new_row(self, p: Packet, key: tuple[int | None, str, int | None], t: int
+    def _new_row(self, p: Packet, key: tuple[int | None, str, int | None, int], t: int
                  ) -> tuple[SaRow, dict[int, int]]:
         """The first packet of an SA (and direction, netns): its row, and its rate series, which
         rows of the same label share (kept with the row: the label is a string to build)."""
         row = self.rows[key] = SaRow(p.spi, p.direction, p.src, p.dst, p.netns, first_ns=t)
+        if p.sa is not None:
+            self._row_life[key] = p.sa
         found = self._row_rate[key] = (row, self.rate.setdefault(self.label(p.spi, p.direction), {}))
         return found
 
@@ -203,11 +213,14 @@ class Summary:
         """Add what only the end of the join knows: SA facts, counters per group, evidence lines,
         and kernel failures that no captured packet explains."""
         history = joiner.history
-        for row in self.rows.values():
+        for key, row in self.rows.items():
             if row.spi is None:
                 continue
-            lives = [life for life in history.by_spi.get(row.spi, ())
-                     if row.netns is None or life.netns is None or life.netns == row.netns]
+            own = self._row_life.get(key)
+            lives = [own] if own is not None else [
+                life for life in history.by_spi.get(row.spi, ())
+                if (row.netns is None or life.netns is None or life.netns == row.netns)
+                and (key[3] == 0 or life.dst == row.dst)]
             if lives:
                 life = lives[-1]
                 row.algorithm, row.mode = life.algorithm, life.mode

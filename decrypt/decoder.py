@@ -172,9 +172,16 @@ def _packed(addr: str) -> bytes | None:
         return None  # wildcard ("*", "any") or garbage: found by SPI only
 
 
+def _keys(sa: SA) -> tuple[bytes, ...]:
+    return tuple(a.key for a in (sa.aead, sa.enc, sa.auth) if a is not None)
+
+
 class EspDecoder:
     """Decrypts ESP packets with a set of SAs, looked up by (destination, SPI) and, because NAT
-    may rewrite addresses, by SPI alone when the pair is unknown."""
+    may rewrite addresses, by SPI alone when the pair is unknown. Several SAs may share one
+    (destination, SPI) with other keys (Cilium: one SPI for every node pair, the inbound states
+    `src 0.0.0.0` told apart only by a mark the packet does not carry in its bytes): then each
+    is tried until one verifies."""
 
     __slots__ = ("_any", "_by_dst", "_by_spi", "_by_v4", "_scratch", "_scratch_view")
 
@@ -344,8 +351,8 @@ class EspDecoder:
         return self._open(ctx, pkt, spi, seq_lo, pos, header_len, proto_at, buf, out, at)
 
     def _decrypt_by_spi(self, pkt: memoryview, spi: int, seq_lo: int, pos: int, header_len: int,
-                        proto_at: int, length: int, buf: bytearray, out: memoryview, at: int
-                        ) -> DecryptResult:
+                        proto_at: int, length: int, buf: bytearray, out: memoryview, at: int,
+                        candidates: list[_Context] | None = None) -> DecryptResult:
         """No SA for (destination, SPI): NAT may have rewritten the address, so every SA with the
         SPI is tried until one verifies."""
         candidates = self._by_spi.get(spi) or self._any

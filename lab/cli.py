@@ -12,6 +12,8 @@ from ipsec_capture.errors import UserError, require_root
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .cilium import FAULTS as CLUSTER_FAULTS
+    from .daemons import CHILDREN
     from .faults import FAULTS
     from .scenarios import SCENARIOS
 
@@ -28,13 +30,31 @@ def register(sub: argparse._SubParsersAction) -> None:
         return p
 
     scen = "; ".join(f"{s.name}: {s.summary}" for s in SCENARIOS.values())
-    p = with_prefix(lsub.add_parser("up", help="build a scenario", description=f"Scenarios: {scen}."))
-    p.add_argument("--scenario", default="gcm", choices=list(SCENARIOS), help="default: gcm")
+    kids = "; ".join(f"{c.name}: {c.summary}" for c in CHILDREN.values())
+    p = with_prefix(lsub.add_parser(
+        "up", help="build a scenario", description=f"Scenarios keyed by `ip xfrm`: {scen}. With --daemon the "
+        f"SAs come from IKEv2 (PSK) between two real daemons, one per namespace; scenarios: ike (every "
+        f"child) or one child of: {kids}. cilium: three nodes on a bridge keyed as Cilium keys them (tunnel "
+        f"GCM, one SPI for every node pair with per-pair keys, inbound states src 0.0.0.0 told "
+        f"apart by marks, "
+        f"ESN, replay window 1024)."))
+    p.add_argument("--scenario", help="default: gcm, or ike with --daemon")
+    p.add_argument("--daemon", choices=("strongswan", "libreswan"),
+                   help="negotiate the SAs with this IKE daemon instead of typing them in")
+    p.add_argument("--no-connect", action="store_true",
+                   help="with --daemon: start the daemons but negotiate nothing until `lab connect` "
+                        "(start a capture in between to see the IKE exchange)")
     p.set_defaults(func=cmd_up)
+
+    p = with_prefix(lsub.add_parser("connect",
+                                    help="a daemon lab: bring every child up (IKEv2 from the left)"))
+    p.set_defaults(func=cmd_connect)
 
     p = with_prefix(lsub.add_parser("traffic", help="send ping/UDP both ways and report sent/received"))
     p.add_argument("--count", type=int, default=5, help="packets per direction and protocol (default 5)")
     p.add_argument("--proto", choices=("icmp", "udp", "both"), default="both")
+    p.add_argument("--child", choices=list(CHILDREN), help="a daemon lab: only this child's path")
+    p.add_argument("--first", type=int, default=0, help="number the UDP datagrams from here (default 0)")
     p.set_defaults(func=cmd_traffic)
 
     p = with_prefix(lsub.add_parser("down", help="remove the lab's namespaces, helpers and state"))
@@ -44,11 +64,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the state (including keys) as JSON")
     p.set_defaults(func=cmd_status)
 
-    faults = "; ".join(f"{f.name}: {f.summary} (expect {f.counter} in {f.side})" for f in FAULTS.values())
+    faults = "; ".join(f"{f.name}: {f.summary} (expect {f.counter or 'new SPIs'} in {f.side})"
+                       for f in FAULTS.values())
+    faults += "; on the cilium lab: " + "; ".join(f"{f.name}: {f.summary} (expect {f.counter} on "
+                                                  f"node {f.node})"
+                                                 for f in CLUSTER_FAULTS.values())
     p = with_prefix(lsub.add_parser(
         "fault", help="break the lab on purpose and show the xfrm_stat counter it moves",
         description=f"Faults: {faults}. Exit code 0 if the expected counter rose, 1 if not."))
-    p.add_argument("fault", choices=list(FAULTS))
+    p.add_argument("fault", choices=list(dict.fromkeys([*FAULTS, *CLUSTER_FAULTS])))
+    p.add_argument("--child", choices=list(CHILDREN), help="rekey: only this child (default: every child)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_fault)
 
@@ -69,15 +94,55 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from . import scenarios
+    from . import daemons, scenarios
+    from .daemons import CHILDREN
 
     require_root("lab up")
-    state = scenarios.up(args.scenario, args.prefix)
+    name = args.scenario or ("ike" if args.daemon else "gcm")
+    if name == "cilium":
+        from . import cilium
+
+        if args.daemon:
+            raise UserError("the cilium scenario is keyed as Cilium keys it (no IKE): leave out --daemon")
+        c = cilium.up(args.prefix)
+        print(f"lab {c.prefix} up: cilium, nodes {', '.join(c.netns(i) for i in range(1, cilium.NODES + 1))} "
+              f"on a bridge in {c.bridge_ns}")
+        print(f"  SPI {cilium.SPI} for every node pair, a key per pair; pods 10.200.N.1, nodes 10.99.0.N")
+        return 0
+    if args.no_connect and not args.daemon:
+        raise UserError("--no-connect goes with --daemon (a lab keyed by `ip xfrm` has nothing to negotiate)")
+    state = scenarios.up(name, args.prefix, daemon=args.daemon or "", connect=not args.no_connect)
+    if state.daemon and args.no_connect:
+        print(f"lab {state.prefix} up: {state.daemon} running in {state.left} and {state.right}, children "
+              f"{', '.join(state.children)} not negotiated yet: "
+              f"ipsec-capture lab connect --prefix {state.prefix}")
+        return 0
+    if state.daemon:
+        print(f"lab {state.prefix} up: {state.daemon} between {state.left} and {state.right}, "
+              f"children {', '.join(state.children)}")
+        for c in state.children:
+            spis = sorted({sa.spi for sa in scenarios.child_sas(state.left, c)})
+            print(f"  {c}: {CHILDREN[c].summary}; SPIs {', '.join(f'{s:#010x}' for s in spis)}")
+        print(f"  configs and logs in {daemons.side_dir(state.prefix, 'left').parent}; "
+              f"state in {scenarios.state_path(state.prefix)}")
+        return 0
     spec = state.spec
     print(f"lab {state.prefix} up: {spec.name} ({spec.summary})")
     print(f"  {state.left} {state.left_host} <-> {state.right} {state.right_host} over {scenarios.DEV}")
     print(f"  SPIs {state.l2r.spi:#010x} (left->right), {state.r2l.spi:#010x} (right->left); "
           f"state in {scenarios.state_path(state.prefix)}")
+    return 0
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    from . import scenarios
+
+    require_root("lab connect")
+    state = scenarios.LabState.load(args.prefix)
+    scenarios.connect(state)
+    for c in state.children:
+        spis = sorted({sa.spi for sa in scenarios.child_sas(state.left, c)})
+        print(f"{c}: up, SPIs {', '.join(f'{s:#010x}' for s in spis)}")
     return 0
 
 
@@ -88,8 +153,18 @@ def cmd_traffic(args: argparse.Namespace) -> int:
     require_root("lab traffic")
     if args.count < 1:
         raise UserError("--count must be at least 1")
+    from . import cilium
+
+    if cilium.is_cluster(args.prefix):
+        results = cilium.exchange(cilium.ClusterState.load(args.prefix), args.count, args.first)
+        for r in results:
+            print(r.line())
+        return 0 if all(r.ok for r in results) else 1
     state = LabState.load(args.prefix)
-    results = traffic.exchange(state, args.count, args.proto)
+    if args.child and args.child not in state.children:
+        raise UserError(f"--child {args.child}: this lab's children are "
+                        f"{', '.join(state.children) or 'none (no daemon)'}")
+    results = traffic.exchange(state, args.count, args.proto, args.child, args.first)
     for r in results:
         print(r.line())
     return 0 if all(r.ok for r in results) else 1
@@ -99,7 +174,10 @@ def cmd_down(args: argparse.Namespace) -> int:
     from . import scenarios
 
     require_root("lab down")
-    removed = scenarios.teardown(args.prefix)
+    from . import cilium
+
+    cluster = cilium.is_cluster(args.prefix)
+    removed = cilium.teardown(args.prefix) if cluster else scenarios.teardown(args.prefix)
     print(f"lab {args.prefix} down" + (f": removed {', '.join(removed)}" if removed else ": nothing was up"))
     return 0
 
@@ -108,11 +186,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     from . import scenarios
 
     require_root("lab status")
+    from . import cilium
+
+    if cilium.is_cluster(args.prefix):
+        c = cilium.ClusterState.load(args.prefix)
+        if args.json:
+            print(json.dumps(asdict(c), indent=1))
+            return 0
+        print(f"lab {c.prefix}: cilium, {cilium.NODES} nodes")
+        for ns, rows in cilium.sa_packets(c).items():
+            print(f"  {ns}: " + ", ".join(f"{k}: {n} packets" for k, n in rows.items()))
+        if c.faults:
+            print(f"  faults injected: {', '.join(c.faults)}")
+        return 0
     state = scenarios.LabState.load(args.prefix)
     if args.json:
         print(json.dumps(asdict(state), indent=1))
         return 0
-    print(f"lab {state.prefix}: {state.scenario} ({state.spec.summary})")
+    what = f"{state.daemon}, children {', '.join(state.children)}" if state.daemon else state.spec.summary
+    print(f"lab {state.prefix}: {state.scenario} ({what})")
     for side in ("left", "right"):
         ns = state.netns(side)
         counts = scenarios.sa_packets(ns)
@@ -128,7 +220,15 @@ def cmd_fault(args: argparse.Namespace) -> int:
     from .scenarios import LabState
 
     require_root("lab fault")
-    result = inject(LabState.load(args.prefix), args.fault)
+    from . import cilium
+
+    if cilium.is_cluster(args.prefix):
+        res = cilium.inject(cilium.ClusterState.load(args.prefix), args.fault)
+        print(json.dumps(res) if args.json else
+              f"fault {res['fault']}: {res['detail']}; {res['counter']} in {res['netns']}: "
+              f"{res['before']} -> {res['after']} ({res['after'] - res['before']:+d})")
+        return 0 if res["moved"] else 1
+    result = inject(LabState.load(args.prefix), args.fault, args.child)
     if args.json:
         print(json.dumps(asdict(result) | {"moved": result.moved}))
     else:

@@ -3,7 +3,10 @@
 A fault is a reproduction: break one thing the way it breaks on real gateways, send a little
 traffic into it, and read the kernel's per-namespace error counter before and after. The counter
 and the namespace where it moves are part of the definition, so tests and the diagnosis know
-what to expect.
+what to expect. On a daemon lab two more are the daemon's own doing: `rekey` (new SPIs for every
+child, or one; no counter, the result counts the new SPIs) and `restart-peer` (the right daemon
+dies with its kernel state, as in a reboot, and comes back empty; the left still sends on its old
+SAs, then re-establishes every child).
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from ipsec_capture.errors import UserError
 from ipsec_capture.netns import entered
 from ipsec_capture.wire import IPPROTO_ESP, NATT_PORT
 
-from . import traffic
-from .scenarios import DEV, LabState, ip_batch, run, sa_line, xfrm_stat
+from . import daemons, traffic
+from .scenarios import DEV, LabState, child_sas, ip_batch, refresh_keys, run, sa_line, xfrm_stat
 
 ETH_P_ALL = 0x0003  # <linux/if_ether.h>
 ETH_P_IP = 0x0800
@@ -43,6 +46,7 @@ class Fault:
     summary: str
     inject: Callable[[LabState], str]  # breaks it and sends traffic; returns what it did
     tunnel_only: bool = False
+    daemon_only: bool = False
 
 
 @dataclass(slots=True)
@@ -166,6 +170,42 @@ def _mtu(state: LabState) -> str:
             f"sent 3 DF packets of {MTU_SMALL} B ({errors} refused)")
 
 
+def _spis(state: LabState, children: list[str]) -> set[int]:
+    return {sa.spi for c in children for ns in (state.left, state.right) for sa in child_sas(ns, c)}
+
+
+def _rekey(state: LabState, children: list[str]) -> str:
+    """The daemon's own CHILD_SA rekey from the left, child by child; waits for the new SAs."""
+    d = daemons.daemon(state.daemon)
+    done = []
+    for c in children:
+        before = _spis(state, [c])
+        d.rekey(state.prefix, daemons.CHILDREN[c])
+        daemons.wait_for(lambda c=c, before=before: len(_spis(state, [c]) - before) >= 2,
+                         f"{c}'s rekey installing new SAs on both sides")
+        done.append(f"{c} {' '.join(f'{s:#010x}' for s in sorted(_spis(state, [c]) - before))}")
+    refresh_keys(state)
+    return f"{state.daemon} rekeyed {len(children)} children (new SPIs: {'; '.join(done)})"
+
+
+def _restart_peer(state: LabState) -> str:
+    """The right daemon crashes with its kernel state (a reboot), restarts empty; the left, unaware,
+    sends on its SAs (the right drops them: no state), then re-establishes every child."""
+    d = daemons.daemon(state.daemon)
+    daemons.stop_process(state.pids.get("right", 0), hard=True)
+    ip_batch(state.right, ["xfrm state flush", "xfrm policy flush"])
+    state.pids["right"] = d.start(state.prefix, "right", state.right)
+    state.save()
+    stale = _send_l2r(state).line()
+    children = [daemons.CHILDREN[c] for c in state.children]
+    d.terminate(state.prefix, children)
+    d.initiate(state.prefix, children)
+    refresh_keys(state)
+    return (f"{state.daemon} in {state.right} killed, its SAs flushed, restarted "
+            f"(pid {state.pids['right']}); on the left's old SA: {stale}; "
+            f"re-established {len(children)} children")
+
+
 FAULTS: dict[str, Fault] = {f.name: f for f in (
     Fault("delete-sa", "XfrmInNoStates", "right", "the receiver's inbound SA is gone", _delete_sa),
     Fault("wrong-key", "XfrmInStateProtoError", "right",
@@ -176,6 +216,11 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
           "the sender's out policy is action block", _block_policy),
     Fault("mtu", "XfrmOutStateModeError", "left", "DF + small MTU: the packet does not fit once encapsulated",
           _mtu, tunnel_only=True),
+    Fault("rekey", "", "left", "the daemon rekeys (new SPIs, new keys; no error counter)",
+          lambda state: _rekey(state, state.children), daemon_only=True),
+    Fault("restart-peer", "XfrmInNoStates", "right",
+          "the right daemon restarts without its SAs while the left still uses them", _restart_peer,
+          daemon_only=True),
 )}
 
 
@@ -186,16 +231,28 @@ def fault(name: str) -> Fault:
         raise UserError(f"unknown fault {name!r}; choose one of: {', '.join(FAULTS)}") from None
 
 
-def inject(state: LabState, name: str) -> FaultResult:
-    """Break the lab as `name` says, send traffic into it, report the counter's before/after."""
+def inject(state: LabState, name: str, child: str | None = None) -> FaultResult:
+    """Break the lab as `name` says, send traffic into it, report the counter's before/after
+    (for `rekey`, which moves no counter: 0 and the number of new SPIs)."""
     f = fault(name)
     if f.tunnel_only and state.spec.mode != "tunnel":
         raise UserError(f"fault {name} needs a tunnel-mode lab (transport mode has no xfrm size check): "
                         "lab up --scenario cbc-tunnel")
+    if f.daemon_only and not state.daemon:
+        raise UserError(f"fault {name} is an IKE daemon's doing: lab up --daemon strongswan (or libreswan)")
+    if child is not None and (name != "rekey" or child not in state.children):
+        raise UserError("--child goes with `rekey` and one of this lab's children: "
+                        f"{', '.join(state.children)}")
     netns = state.netns(f.side)
-    before = xfrm_stat(netns).get(f.counter, 0)
-    detail = f.inject(state)
-    after = xfrm_stat(netns).get(f.counter, 0)
+    if not f.counter:
+        children = [child] if child else state.children
+        before_spis = _spis(state, children)
+        detail = f.inject(state) if child is None else _rekey(state, children)
+        result = FaultResult(name, "new SPIs", netns, 0, len(_spis(state, children) - before_spis), detail)
+    else:
+        before = xfrm_stat(netns).get(f.counter, 0)
+        detail = f.inject(state)
+        result = FaultResult(name, f.counter, netns, before, xfrm_stat(netns).get(f.counter, 0), detail)
     state.faults.append(name)
     state.save()
-    return FaultResult(name, f.counter, netns, before, after, detail)
+    return result

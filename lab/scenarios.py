@@ -5,6 +5,11 @@ keyed SAs as strongSwan/Libreswan would install them (replay window, reqids, fwd
 tunnel mode). Keys and SPIs are random per `up` and recorded in a state file, so `traffic`,
 `fault`, `down` and the demo know what is running, and tests can check keys read back from the
 kernel against what was installed.
+
+With a daemon (`up(..., daemon="strongswan"|"libreswan")`, daemons.py) the same two hosts get
+their SAs from IKEv2 instead: the state file then names the children, and `l2r`/`r2l` are the
+first child's SAs as the kernel holds them (read back after every change), so the manual faults
+work on a daemon lab too.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from pathlib import Path
 
 from ipsec_capture.errors import UserError
 from ipsec_capture.wire import NATT_PORT
+from ipsec_capture.xfrm.sa import SA
+
+from . import daemons
 
 STATE_DIR = Path("/run/ipsec-capture-lab")
 DEV = "lab0"  # the veth end's name inside each namespace
@@ -39,7 +47,7 @@ class Scenario:
     family: int = 4
     mode: str = "transport"
     # "gcm": rfc4106(gcm(aes)) 128-bit key, ICV 16; "cbc-sha256": cbc(aes) + hmac(sha256) trunc 128
-    cipher: str = "gcm"
+    cipher: str = "gcm"  # "chacha": rfc7539esp(chacha20,poly1305) (daemon labs)
     natt: bool = False
     esn: bool = False
 
@@ -88,9 +96,14 @@ class LabState:
     encap_pid: int = 0
     created: float = 0.0
     faults: list[str] = field(default_factory=list)
+    daemon: str = ""  # "strongswan" / "libreswan": SAs from IKE (daemons.py); "" = `ip xfrm` keyed
+    children: list[str] = field(default_factory=list)  # the daemon's children (daemons.CHILDREN)
+    pids: dict[str, int] = field(default_factory=dict)  # side -> daemon pid
 
     @property
     def spec(self) -> Scenario:
+        if self.daemon:
+            return child_scenario(self.children[0])
         return scenario(self.scenario)
 
     def netns(self, side: str) -> str:
@@ -116,6 +129,15 @@ class LabState:
         raw["l2r"] = SAKeys(**raw["l2r"])
         raw["r2l"] = SAKeys(**raw["r2l"])
         return cls(**raw)
+
+
+def child_scenario(name: str) -> Scenario:
+    """A daemon child as the Scenario of its first SA pair (what the manual faults need to know)."""
+    from .daemons import CHILDREN
+
+    c = CHILDREN[name]
+    cipher = {"rfc4106(gcm(aes))": "gcm", "cbc(aes)": "cbc-sha256"}.get(c.kernel_enc, "chacha")
+    return Scenario(c.name, c.summary, family=c.family, mode=c.mode, cipher=cipher, natt=c.natt, esn=c.esn)
 
 
 def state_path(prefix: str) -> Path:
@@ -189,6 +211,8 @@ def sa_line(state: LabState, direction: str, verb: str = "add", enc_key: str | N
             f"mode {spec.mode} ")
     if spec.cipher == "gcm":
         line += f"aead rfc4106(gcm(aes)) 0x{key} 128"
+    elif spec.cipher == "chacha":
+        line += f"aead rfc7539esp(chacha20,poly1305) 0x{key} 128"
     else:
         line += f"enc cbc(aes) 0x{key} auth-trunc hmac(sha256) 0x{sa.auth_key} 128"
     line += f" replay-window {ESN_REPLAY_WINDOW if spec.esn else REPLAY_WINDOW}"
@@ -219,9 +243,13 @@ def mac_of(netns: str) -> str:
     return json.loads(run("ip", "-j", "-n", netns, "link", "show", DEV).stdout)[0]["address"]
 
 
-def up(name: str, prefix: str = "lab") -> LabState:
-    """Build the namespaces, link, addresses, SAs and policies of scenario `name`."""
-    spec = scenario(name)
+def up(name: str, prefix: str = "lab", daemon: str = "", connect: bool = True) -> LabState:
+    """Build the namespaces, link, addresses, SAs and policies of scenario `name` (with `daemon`,
+    the daemon scenario `name`'s children, negotiated by that IKE daemon; unless `connect` is
+    false: then the daemons wait for `connect()`, e.g. until a capture has started)."""
+    spec = child_scenario(daemons.children_of(name)[0].name) if daemon else scenario(name)
+    if daemon:
+        daemons.daemon(daemon)  # an unknown daemon is refused before anything is built
     if state_path(prefix).exists():
         raise UserError(f"a lab with prefix {prefix!r} is already up: run `ipsec-capture lab down` first")
     ok, why = esp_supported()
@@ -231,13 +259,92 @@ def up(name: str, prefix: str = "lab") -> LabState:
                         f"bash -c 'ipsec-capture lab up --scenario {name} && ipsec-capture lab traffic', "
                         f"or ./dev.sh demo for a whole capture")
     state = new_state(spec, prefix)
+    if daemon:
+        first = daemons.children_of(name)[0]
+        state.scenario, state.daemon = name, daemon
+        state.children = [c.name for c in daemons.children_of(name)]
+        state.left_host, state.right_host = first.left_host, first.right_host
+        state.left_net, state.right_net = first.ts("left"), first.ts("right")
     try:
-        build(state)
+        if daemon:
+            build_daemon_lab(state, connect)
+        else:
+            build(state)
     except BaseException:
-        teardown(state.prefix, state)
+        teardown(state.prefix, state, keep_logs=True)  # the error names the daemons' logs
         raise
     state.save()
     return state
+
+
+def build_daemon_lab(state: LabState, connect_now: bool = True) -> None:
+    """Both hosts with every child's addresses and routes, then the daemons negotiate the SAs."""
+    children = [daemons.CHILDREN[c] for c in state.children]
+    for ns in (state.left, state.right):
+        run("ip", "netns", "add", ns)
+    run("ip", "link", "add", DEV, "netns", state.left, "type", "veth",
+        "peer", "name", DEV, "netns", state.right)
+    for side in ("left", "right"):
+        v4, v6 = ((daemons.LEFT_V4, daemons.LEFT_V6) if side == "left"
+                  else (daemons.RIGHT_V4, daemons.RIGHT_V6))
+        lines = ["link set lo up", f"addr add {v4}/24 dev {DEV}", f"addr add {v6}/64 dev {DEV} nodad",
+                 f"link set {DEV} up", "link add inner0 type dummy", "link set inner0 up"]
+        for c in children:
+            me, peer = (c.left_addr, c.right_addr) if side == "left" else (c.right_addr, c.left_addr)
+            if me not in (v4, v6):
+                lines.append(f"addr add {me}/24 dev {DEV}")
+            if c.mode == "tunnel":
+                host, peer_net = ((c.left_host, c.right_net) if side == "left"
+                                  else (c.right_host, c.left_net))
+                lines += [f"addr add {host}/24 dev inner0", f"route add {peer_net} via {peer} src {host}"]
+        ip_batch(state.netns(side), lines)
+    # keep neighbour discovery out of the IPv6 transport policies' way
+    for side, peer_side in (("left", "right"), ("right", "left")):
+        peer6 = daemons.RIGHT_V6 if side == "left" else daemons.LEFT_V6
+        run("ip", "-n", state.netns(side), "neigh", "replace", peer6, "lladdr",
+            mac_of(state.netns(peer_side)), "dev", DEV, "nud", "permanent")
+    d = daemons.daemon(state.daemon)
+    d.prepare(state.prefix, children)
+    for side in ("left", "right"):
+        state.pids[side] = d.start(state.prefix, side, state.netns(side))
+    state.save()  # from here on `lab down` can stop the daemons even if initiating fails
+    if connect_now:
+        connect(state)
+
+
+def connect(state: LabState) -> None:
+    """The left daemon initiates every child (IKE_SA_INIT, IKE_AUTH, CREATE_CHILD_SA)."""
+    if not state.daemon:
+        raise UserError(f"lab {state.prefix} has no IKE daemon: its SAs are up since `lab up`")
+    daemons.daemon(state.daemon).initiate(state.prefix, [daemons.CHILDREN[c] for c in state.children])
+    refresh_keys(state)
+    state.save()
+
+
+def child_sas(netns: str, child: str) -> list[SA]:
+    """The kernel's SAs of one daemon child in `netns`, newest first (both directions)."""
+    from ipsec_capture.xfrm.text import parse_states
+
+    c = daemons.CHILDREN[child]
+    family = 10 if c.family == 6 else 2
+    sas = [sa for sa in parse_states(run("ip", "-s", "-n", netns, "xfrm", "state").stdout)
+           if sa.mode == c.mode and sa.family == family and (sa.encap is not None) == c.natt
+           and (sa.aead or sa.enc) is not None and (sa.aead or sa.enc).name == c.kernel_enc]
+    return sorted(sas, key=lambda sa: sa.lifetime_cur.get("add_time", 0), reverse=True)
+
+
+def refresh_keys(state: LabState) -> None:
+    """`l2r`/`r2l` := the first child's current SAs, as the left host's kernel holds them."""
+    sas = child_sas(state.left, state.children[0])
+    for direction, src in (("l2r", state.left_addr), ("r2l", state.right_addr)):
+        sa = next((s for s in sas if s.src == src), None)
+        if sa is None:
+            raise UserError(f"lab: {state.daemon} installed no {state.children[0]} SA from {src} "
+                            f"in {state.left}")
+        alg = sa.aead or sa.enc
+        assert alg is not None
+        keys = SAKeys(sa.spi, sa.reqid, alg.key.hex(), sa.auth.key.hex() if sa.auth else "")
+        setattr(state, direction, keys)
 
 
 def build(state: LabState) -> None:
@@ -285,12 +392,19 @@ def start_encap_holder(state: LabState) -> int:
     return proc.pid
 
 
-def teardown(prefix: str, state: LabState | None = None) -> list[str]:
-    """Remove the lab's namespaces, helper process and state file; what was removed."""
+def teardown(prefix: str, state: LabState | None = None, keep_logs: bool = False) -> list[str]:
+    """Remove the lab's namespaces, daemons, helper process and state file; what was removed
+    (`keep_logs`: not the daemons' directories, which a failed `up` points the user to)."""
     removed = []
     if state is None:
         with contextlib.suppress(UserError):
             state = LabState.load(prefix)
+    for side, pid in (state.pids.items() if state is not None else ()):
+        if daemons.alive(pid):
+            daemons.stop_process(pid)
+            removed.append(f"{state.daemon} ({side}) pid {pid}")
+    if not keep_logs and daemons.remove_dirs(prefix):
+        removed.append(f"{daemons.DAEMON_DIR / prefix}")
     if state is not None and state.encap_pid:
         with contextlib.suppress(ProcessLookupError):
             os.kill(state.encap_pid, signal.SIGTERM)

@@ -245,12 +245,20 @@ def test_lookup_falls_back_to_spi_when_nat_rewrote_the_address() -> None:
     assert (res.status, res.inner) == ("ok", inner)
 
 
-def test_add_replaces_same_dst_and_spi() -> None:
-    keys, dec, wire = _one()
-    dec.add(make_sa(Keys.random(keys.suite), SPI, *V4, mode="tunnel"))
+def test_add_replaces_the_same_sa_and_keeps_others_of_the_same_dst_and_spi() -> None:
+    """Same (dst, SPI), same keys: the same state again (replaced). Other keys: another state
+    (Cilium's one SPI for every peer, told apart by marks): kept, and each packet opens with its own."""
+    keys, _, wire = _one()
+    other = Keys.random(keys.suite)
+    dec = EspDecoder([make_sa(other, SPI, *V4, mode="tunnel")])
     assert len(dec) == 1 and dec.decrypt(wire).status == "icv-fail"
     dec.add(make_sa(keys, SPI, *V4, mode="tunnel"))
-    assert dec.decrypt(wire).status == "ok"
+    dec.add(make_sa(keys, SPI, *V4, mode="tunnel"))
+    assert len(dec) == 2 and dec.decrypt(wire).status == "ok"
+    inner, nh = tunnel_inner(V4, b"theirs" * 5)
+    theirs = dec.decrypt(outer(seal(other, SPI, 8, inner, nh), *V4))
+    assert theirs.status == "ok" and theirs.inner == inner
+    assert dec.decrypt(wire).sa.aead.key != theirs.sa.aead.key
 
 
 def test_esp_header_fields_ipv6_extension_and_natt() -> None:
