@@ -93,13 +93,15 @@ def _load_keys(args: argparse.Namespace, parts: list[str]) -> list:
 
     if args.keys or len(parts) == 1:
         return load_sas(_keys_path(args))
+    from ipsec_capture.xfrm.keeper import state_id
+
     sas: dict = {}
     files = [k for k in (Bundle.for_capture(part).keys for part in parts) if k.exists()]
     if not files:
         raise UserError(f"no --keys given and no part of {parts[0]} .. {parts[-1]} has a key file")
     for keys in files:
         for sa in load_sas(keys):
-            sas[(*sa.key_id, sa.mark)] = sa
+            sas[state_id(sa)] = sa
     return list(sas.values())
 
 

@@ -157,11 +157,12 @@ def _lane(ctx: _Context) -> Lane | None:
 
 
 def _identity(sa: SA) -> tuple:
-    """What makes an SA another one than an SA with the same (destination, SPI): an update of
-    the same SA (new replay state, new key) replaces it; another source, mark or transform is
-    kept beside it (Cilium's per-pair SAs, a key file unsure of an ICV length)."""
-    algs = tuple((a.name, a.icv_bits, a.trunc_bits) if a is not None else None
-                 for a in (sa.aead, sa.enc, sa.auth))
+    """What makes an SA another one than an SA with the same (destination, SPI). With a mark known,
+    as the kernel tells states apart: the same (source, mark, transform) is an update and replaces
+    it (a new key included). Without one (a Wireshark table has no marks), another key is another
+    SA too, kept beside it and tried by its ICV: Cilium's per-pair keys under one SPI."""
+    algs = tuple((a.name, a.icv_bits, a.trunc_bits, a.key if sa.mark is None else b"")
+                 if a is not None else None for a in (sa.aead, sa.enc, sa.auth))
     return (sa.src, sa.mark, algs)
 
 

@@ -24,7 +24,7 @@ from .netlink import dump_states
 from .sa import SA
 
 
-def _key(sa: SA) -> tuple:
+def state_id(sa: SA) -> tuple:
     """An SA's identity in the kernel: (daddr, SPI, proto) and its mark (xfrm_state_lookup)."""
     return (*sa.key_id, sa.mark)
 
@@ -47,10 +47,10 @@ class _Counts:
 
     def at_start(self, sas: list[SA]) -> None:
         for sa in sas:
-            (self.present if usable(sa) else self.reserved).add(_key(sa))
+            (self.present if usable(sa) else self.reserved).add(state_id(sa))
 
     def seen(self, sa: SA, kind: str) -> None:
-        key = _key(sa)
+        key = state_id(sa)
         if not usable(sa):
             self.reserved.add(key)
         elif kind in ("sa-new", "sa-update") and key not in self.present:
@@ -85,7 +85,7 @@ class KeyFileKeeper:
     def start(self) -> None:
         self._monitor = XfrmMonitor(self.netns)  # subscribe first: no gap before the dump
         for sa in dump_states(self.netns):
-            self._sas[_key(sa)] = sa
+            self._sas[state_id(sa)] = sa
         self._counts.at_start(list(self._sas.values()))
         self._write()
         self._thread = threading.Thread(target=self._follow, name="ipsec-capture-keys", daemon=True)
@@ -99,7 +99,7 @@ class KeyFileKeeper:
                 continue
             self._counts.seen(sa, kind)  # (this thread's own: read after join, in stop)
             with self._lock:
-                known = _key(sa) in self._sas
+                known = state_id(sa) in self._sas
                 if kind == "sa-delete" or kind == "expire":
                     self.deletes += kind == "sa-delete"
                     if known:
@@ -108,7 +108,7 @@ class KeyFileKeeper:
                     self.rekeys += 1
                 else:
                     self.updates += 1
-                self._sas[_key(sa)] = sa
+                self._sas[state_id(sa)] = sa
                 self._write()
 
     def _write(self) -> None:
