@@ -134,7 +134,7 @@ def test_our_line_keeps_what_wireshark_cannot_name() -> None:
     ('# ipsec-capture-sa {"src":"*","dst":"*","spi":1,"enc":{"name":"cbc(aes)","key":"zz"}}', "bad hex key"),
     ('# ipsec-capture-sa {"src":"*","dst":"*","spi":1,"mark":[1]}', "mark must be"),
     ('# ipsec-capture-sa {"src":"*","dst":"*","spi":1,"aead":{"name":"x","icv_bits":"a"}}', "bad ICV"),
-    ('# ipsec-capture-sa {"src":"*","dst":"*","spi":1,"mode":"sideways"}', "unknown mode"),
+    ('# ipsec-capture-sa {"src":"*","dst":"*","spi":1,"mode":7}', "'mode' must be str"),
     ('# ipsec-capture-sa {"src":1,"dst":"*","spi":1}', "'src' must be str"),
 ])
 def test_our_line_garbage_names_the_line(line: str, why: str) -> None:
