@@ -182,3 +182,15 @@ def test_every_format_is_detected_and_nothing_else_is() -> None:
     assert parse_keys("src 192.0.2.1 dst 192.0.2.2\n\tproto esp spi 0x1 reqid 1 mode tunnel\n")[0].spi == 1
     with pytest.raises(UserError, match="not a Wireshark esp_sa table"):
         parse_keys("hello world\n", "k")
+
+
+@pytest.mark.parametrize("columns", [8, 10])
+def test_a_table_keys_wrote_decrypts_every_algorithm_the_decoder_has(columns: int) -> None:
+    """What `keys` promises in its warnings: `ipsec-capture decrypt` with the table it wrote."""
+    keys = [Keys.random(s) for s in SUITES]
+    sas = [make_sa(k, 0x500 + i, A, B, mode="tunnel", esn=i % 2 == 1) for i, k in enumerate(keys)]
+    dec = EspDecoder(read_esp_sa(write_esp_sa(sas, columns)))
+    for i, k in enumerate(keys):
+        res = dec.decrypt(outer(seal(k, 0x500 + i, 7, INNER, 4, esn=i % 2 == 1), A, B))
+        ok = "ok" if k.suite.aead or k.suite.auth else "ok-unverified"
+        assert (res.status, res.inner) == (ok, INNER), (k.suite.label, res.detail)
