@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--events", action="append", metavar="FILE",
                    help="events log instead of the one beside the capture (once per capture, in order)")
     p.add_argument("--keys", action="append", metavar="FILE",
-                   help="esp_sa or `ip xfrm state` file instead of the bundle's (once per capture)")
+                   help="key file instead of the bundle's: esp_sa, `ip xfrm state` output or tcpdump -E "
+                        "secrets (once per capture)")
     p.add_argument("--spi", type=spi_arg, help=f"list only packets of this SPI, {SPI_HELP}")
     p.add_argument("--verdict", choices=VERDICTS, help="list only packets with this verdict")
     p.add_argument("--cause", help="list only packets with this named cause (e.g. no-state)")

@@ -31,13 +31,16 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Decrypt the ESP packets of a pcap/pcapng with our own decoder and write a pcapng where "
             "each ESP packet is replaced by what it carried (tunnel: the inner packet; transport: "
             "the packet rebuilt without ESP) and every other packet is kept as it was. Each ESP "
-            "packet gets a comment naming its SPI, sequence number and result (ok, icv-fail, "
-            "no-sa, bad-padding, truncated, unsupported); a summary per SA follows. Wrong keys "
-            "show up as icv-fail counts. No root needed."
+            "packet gets a comment naming its SPI, sequence number and result (ok: decrypted, ICV "
+            "verified; ok-unverified: decrypted but nothing checked it, as for an SA without "
+            "integrity or a key file without the integrity key; icv-fail, no-sa, bad-padding, "
+            "truncated, unsupported); ESP inside ESP is opened layer by layer, each layer named. "
+            "A summary per SA follows. Wrong keys show up as icv-fail counts. No root needed."
         ),
-        epilog=("KEYS is a Wireshark esp_sa table (8 or 10 columns, e.g. from `ipsec-capture keys`) "
-                "or saved `ip xfrm state` output; the format is detected. Example: "
-                "ipsec-capture decrypt out.pcapng -w clear.pcapng"),
+        epilog=("KEYS is an esp_sa table (8 or 10 columns: ours from `ipsec-capture keys`/`start`, "
+                "Wireshark's, or strongSwan's save-keys esp_sa), saved `ip xfrm state` output, or "
+                "tcpdump -E secrets (`SPI@DST ALGO:0xKEY`, comma or line separated, `file NAME`); "
+                "the format is detected. Example: ipsec-capture decrypt out.pcapng -w clear.pcapng"),
     )
     p.add_argument("input", metavar="IN", nargs="+",
                    help="capture to read (pcap or pcapng); the parts of a rotated capture (start -C/-G, "
@@ -72,7 +75,7 @@ def _keys_path(args: argparse.Namespace) -> Path:
     companion = Bundle.for_capture(args.input).keys
     if not companion.exists():
         raise UserError(f"no --keys given and {companion} does not exist: pass --keys FILE "
-                        "(an esp_sa table or `ip xfrm state` output)")
+                        "(an esp_sa table, `ip xfrm state` output or tcpdump -E secrets)")
     return companion
 
 

@@ -227,3 +227,13 @@ def test_tcpdump_capture_decrypts_from_an_esp_sa_like_tshark(name: str, tmp_path
     theirs = [tuple(int(x, 0) for x in line.split("\t")) for line in r.stdout.split("\n") if line.strip()]
     mine = [(struct.unpack_from("!H", p, 26)[0], struct.unpack_from("!H", p, 22)[0]) for p, _ in packets]
     assert theirs == mine and len(mine) == 8
+
+
+def test_report_reads_tcpdump_secrets_too(tmp_path: Path) -> None:
+    """`report --keys` takes the same key files as `decrypt`: tcpdump's secrets open tcpdump's
+    ESP-in-ESP capture and every packet names our decryption's result."""
+    rc, stdout, stderr = cli("report", str(VECTORS / "tcpdump-08-sunrise-sunset-esp2.pcap"),
+                             "--keys", str(TCPDUMP_SECRETS), "--format", "json")
+    assert rc == 0, stderr
+    rows = json.loads(stdout)["reports"][0]["packets"]["rows"]
+    assert [r["decrypt"] for r in rows] == ["ok-unverified"] * 8

@@ -163,6 +163,8 @@ def test_profile_dir_with_C(capture, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     pdir = install_profile("ict-test", write_esp_sa(sas, 8))
     assert (pdir / "esp_sa").stat().st_mode & 0o777 == 0o600
+    # our `# ipsec-capture-sa` line before every row: Wireshark skips it (and decrypts below)
+    assert (pdir / "esp_sa").read_text().count("\n# ipsec-capture-sa {") == len(sas)
     env = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path))
     argv = [shutil.which("tshark"), "-n", "-C", "ict-test", "-r", str(pcap), "-Y", "esp.icv_good == 1",
             "-T", "fields", "-e", "esp.spi"]

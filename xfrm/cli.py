@@ -35,8 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                 "then `wireshark -C ipsec -r out.pcapng`; `ipsec-capture keys --from-text "
                 "states.txt --tshark-args`; `ipsec-capture keys -w k.esp_sa --verify out.pcapng`."))
     keys.add_argument("--from-text", metavar="FILE",
-                      help="read SAs from saved `ip [-s] xfrm state` output or an esp_sa file "
-                           "instead of the kernel")
+                      help="read SAs from a key file instead of the kernel: saved `ip [-s] xfrm state` "
+                           "output, an esp_sa table (ours, Wireshark's, strongSwan save-keys') or "
+                           "tcpdump -E secrets; the format is detected")
     keys.add_argument("--netns", metavar="NAME", help="read the SAs of this network namespace")
     keys.add_argument("-w", "--write", metavar="OUT", help="write the esp_sa table to OUT (mode 0600)")
     keys.add_argument("--wireshark-format", default="auto", choices=("8", "10", "auto"),
@@ -59,7 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="List IPsec SAs and policies readably or as JSON. Keys are hidden unless "
                     "--show-keys is given.")
     sa.add_argument("--netns", metavar="NAME", help="list the namespace NAME")
-    sa.add_argument("--from-text", metavar="FILE", help="list SAs from saved `ip xfrm state` output")
+    sa.add_argument("--from-text", metavar="FILE",
+                    help="list SAs from a key file (`ip xfrm state` output, esp_sa, tcpdump -E secrets)")
     sa.add_argument("--json", action="store_true", help="JSON: {\"states\": [...], \"policies\": [...]}")
     sa.add_argument("--show-keys", action="store_true", help="include keys (careful: they decrypt traffic)")
     sa.add_argument("--no-policies", action="store_true", help="only SAs")

@@ -145,6 +145,7 @@ def _include(arg: list[str], where: str, base: str | os.PathLike[str] | None, de
         path = Path(base) / path
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as err:
-        raise UserError(f"{where}: cannot read `file {target}`: {err.strerror or err}") from None
+    except (OSError, ValueError) as err:  # ValueError: a NUL in the name
+        raise UserError(f"{where}: cannot read `file {target[:60]}`: "
+                        f"{getattr(err, 'strerror', None) or err}") from None
     return parse_tcpdump(text, os.fspath(path), path.parent, depth + 1)

@@ -399,12 +399,36 @@ def _parse_state(block: _Block) -> SA:
         # other indented lines (lastused, coa, tfcpad, security context, iptfs-opts) are skipped
     if not seen_id:
         raise _fail(head, "SA without a `proto ... spi ...` line")
+    _check_ranges(sa, head)
     if "esn" in sa.flags:
         sa.replay.esn = True
     if sa.lifetime_cfg:
         for key in LIFETIME_CFG_KEYS:
             sa.lifetime_cfg.setdefault(key, 0)
     return sa
+
+
+_U32 = 0xFFFFFFFF
+
+
+def _check_ranges(sa: SA, head: _Line) -> None:
+    """The kernel's field widths (<linux/xfrm.h>): what no real `ip xfrm` output exceeds."""
+    r = sa.replay
+    for name, value, top in (("spi", sa.spi, _U32), ("reqid", sa.reqid, _U32), ("seq", r.seq, _U32),
+                             ("oseq", r.oseq, _U32), ("seq-hi", r.seq_hi, _U32), ("oseq-hi", r.oseq_hi, _U32),
+                             ("replay-window", r.window, _U32)):
+        if not 0 <= value <= top:
+            raise _fail(head, f"{name} {value:#x} does not fit 32 bits (in this SA)")
+    for alg in (sa.aead, sa.enc, sa.auth):
+        for bits in (alg.icv_bits, alg.trunc_bits) if alg is not None else ():
+            if bits is not None and not 0 <= bits <= 4096:
+                raise _fail(head, f"ICV length {bits} of {alg.name} is impossible (in this SA)")
+    for mark in (sa.mark, sa.output_mark):
+        if mark is not None and not all(0 <= m <= _U32 for m in mark):
+            raise _fail(head, "mark does not fit 32 bits (in this SA)")
+    if sa.encap is not None and not (0 <= sa.encap.sport <= 0xFFFF and 0 <= sa.encap.dport <= 0xFFFF
+                                     and 0 <= sa.encap.type <= 0xFFFF):
+        raise _fail(head, "encap port out of range (in this SA)")
 
 
 def parse_states(text: str) -> list[SA]:
