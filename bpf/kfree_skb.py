@@ -66,6 +66,68 @@ def is_xfrm_drop(reason: str | None, location: str) -> bool:
     return location.startswith(XFRM_FUNCS)
 
 
+# The event filter (events/skb/kfree_skb/filter): the kernel then discards, before any trace line
+# is written, what is_xfrm_drop would discard (a host's background drops cost nothing here). The
+# write must stay under a page (the kernel refuses longer filters), so the xfrm functions' address
+# ranges are coalesced across their smallest gaps: the filter lets through a superset (functions
+# between xfrm ones), which is_xfrm_drop still sorts out.
+FILTER_MAX = 4000
+_RANGE = "location>=0x{:x}&&location<0x{:x}"
+_XFRM_SYMBOL = re.compile(
+    rb"^([0-9a-f]+) [tT] (?:" + b"|".join(re.escape(p.encode()) for p in XFRM_FUNCS)
+    + rb")[^\n]*\n(?=([0-9a-f]+ )?)", re.M)  # the next line's address, looked at, not consumed
+_MODULE_SPAN = 0x10000  # end bound for a function whose next kallsyms line is not above it
+
+
+def xfrm_ranges(kallsyms: bytes) -> list[tuple[int, int]]:
+    """[start, end) of every text symbol named like XFRM_FUNCS, merged where they touch; the end
+    is the next kallsyms line's address (in address order inside vmlinux and inside a module)."""
+    spans = []
+    for m in _XFRM_SYMBOL.finditer(kallsyms):
+        start = int(m[1], 16)
+        end = int(m[2], 16) if m[2] else 0
+        if start and end <= start:
+            end = start + _MODULE_SPAN
+        if start:
+            spans.append((start, end))
+    spans.sort()
+    merged: list[tuple[int, int]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def coalesce(ranges: list[tuple[int, int]], most: int) -> list[tuple[int, int]]:
+    """At most `most` ranges covering `ranges`, by bridging the smallest gaps between them."""
+    if len(ranges) <= most:
+        return ranges
+    gaps = sorted(range(1, len(ranges)), key=lambda i: ranges[i][0] - ranges[i - 1][1])
+    keep = sorted(gaps[len(gaps) - (most - 1):]) if most > 1 else []
+    out, first = [], 0
+    for i in [*keep, len(ranges)]:
+        out.append((ranges[first][0], ranges[i - 1][1]))
+        first = i
+    return out
+
+
+def event_filter(format_text: str, kallsyms: bytes) -> str:
+    """The tracefs filter that keeps what is_xfrm_drop keeps: an XFRM* reason of this kernel, or a
+    location in an xfrm/esp/ah/ipcomp function. "" when the locations are unknown (kallsyms
+    unreadable): then nothing is filtered in the kernel rather than losing drops."""
+    ranges = xfrm_ranges(kallsyms)
+    if not ranges:
+        return ""
+    reasons = "||".join(f"reason=={n}" for n, name in sorted(reason_names(format_text).items())
+                        if name.startswith("XFRM"))
+    room = FILTER_MAX - len(reasons) - 2
+    per = len(_RANGE.format(ranges[-1][1], ranges[-1][1])) + 2
+    spans = "||".join(_RANGE.format(lo, hi) for lo, hi in coalesce(ranges, max(room // per, 1)))
+    return f"{reasons}||{spans}" if reasons else spans
+
+
 def _mounted_tracefs() -> str | None:
     with open("/proc/self/mounts") as f:
         for line in f:
@@ -191,6 +253,7 @@ class KfreeSkbSource:
         self._buffer_kb = buffer_kb
         self._ksyms: Kallsyms | None = None
         self._fd = -1
+        self.kernel_filter = ""  # the event filter in force ("" none: every drop comes to us)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._emit: Callable[[Event], None] | None = None
@@ -221,10 +284,25 @@ class KfreeSkbSource:
             if not symbolized:
                 self._ksyms = Kallsyms()
             self._fd = os.open(os.path.join(self.instance, "trace_pipe"), os.O_RDONLY | os.O_NONBLOCK)
+            if not self.keep_all:
+                self._set_filter()
             self._write(os.path.join(EVENT_DIR, "enable"), "1")
         except BaseException:
             self._remove()
             raise
+
+    def _set_filter(self) -> None:
+        """Let the kernel drop the trace lines _handle would drop; a kernel that refuses the filter
+        costs speed only (every line then comes to us and is filtered here)."""
+        with open("/proc/kallsyms", "rb") as f:
+            text = event_filter(self.tracefs.read(os.path.join(EVENT_DIR, "format")), f.read())
+        if not text:
+            return
+        try:
+            self._write(os.path.join(EVENT_DIR, "filter"), text)
+        except OSError:
+            return
+        self.kernel_filter = text
 
     def start(self, emit: Callable[[Event], None]) -> None:
         if not self.instance:
