@@ -261,6 +261,15 @@ class Capture:
                 batch = reader.read_batch()
                 if not batch:
                     poller.poll(DRAIN_POLL_MS if drain_until else POLL_MS)
+                if keep is None and not limit:  # the common case: every record is written
+                    for rec in batch:
+                        point = rec.point
+                        if not point:
+                            rec.point = point = default_point
+                        write(rec)
+                        counts[point] = counts.get(point, 0) + 1
+                    st.written += len(batch)
+                    batch = ()
                 for rec in batch:
                     if keep is not None and not keep(rec.payload):
                         st.filtered_out += 1
