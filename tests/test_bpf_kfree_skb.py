@@ -15,6 +15,7 @@ from ipsec_capture.bpf.kfree_skb import (
     INSTANCE_PREFIX,
     KfreeSkbSource,
     Tracefs,
+    cached_event_filter,
     coalesce,
     event_filter,
     is_xfrm_drop,
@@ -153,6 +154,27 @@ def test_this_kernels_filter_fits_and_covers_little_else():
     exact = sum(hi - lo for lo, hi in ranges)
     assert sum(hi - lo for lo, hi in spans) < 4 * exact  # the superset stays near the xfrm code
     assert all(any(lo <= a and b <= hi for lo, hi in spans) for a, b in ranges)
+
+
+@requires_root
+def test_filter_cache_serves_the_same_boot_only(tmp_path):
+    tfs = Tracefs()
+    try:
+        fmt = tfs.read("events/skb/kfree_skb/format")
+    finally:
+        tfs.close()
+    cache = tmp_path / "run" / "kfree_skb.filter"
+    with open("/proc/kallsyms", "rb") as f:
+        fresh = event_filter(fmt, f.read())
+    assert cached_event_filter(fmt, str(cache)) == fresh != ""
+    assert oct(cache.stat().st_mode & 0o777) == "0o600"
+    key, text = cache.read_text().split("\n", 1)
+    assert text == fresh
+    cache.write_text(f"{key}\nreason==1")  # what a cache says for this boot is what we get
+    assert cached_event_filter(fmt, str(cache)) == "reason==1"
+    cache.write_text("another-boot\nreason==1")  # another boot, other modules: computed again
+    assert cached_event_filter(fmt, str(cache)) == fresh
+    assert cache.read_text() == f"{key}\n{fresh}"
 
 
 @requires_root
