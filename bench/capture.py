@@ -19,7 +19,8 @@ included) per packet captured and the loss (packets sent minus packets in its fi
 run (no traffic) gives each reader's fixed cost, so `steady` = (CPU - idle CPU) / packets.
 It prints one row per (drops, rate) with the medians over the repeats, the ratio ours/tcpdump
 (target <= 1.5 at 50k pkt/s with drops on), and how busy the machine was (all CPUs, from
-/proc/stat, while the step ran: the sender, the reader and anyone else).
+/proc/stat, while the step ran), and of that what was neither the reader nor the sender (other
+jobs on the machine; also the softirq work the kernel charges to no process).
 Not a test: the numbers depend on the machine and on what else runs on it.
 """
 
@@ -29,6 +30,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import secrets
 import shlex
 import shutil
@@ -138,6 +140,7 @@ class Run:
     captured: int
     cpu: float  # reader's CPU seconds, start-up included
     busy: float  # machine's busy CPUs (0..ncpu) during the run
+    others: float  # of those, what neither the reader nor the sender used (other jobs, the kernel's own)
 
     @property
     def lost(self) -> int:
@@ -160,8 +163,17 @@ def _wait(proc: subprocess.Popen, timeout: float = 120) -> float:
 class Bench:
     def __init__(self, ns: str, sender: Path, work: Path, ours_args: list[str]) -> None:
         self.ns, self.sender, self.work, self.ours_args = ns, sender, work, ours_args
+        self.sender_cpu = 0.0
 
     def send(self, n: int, rate: int, drops: bool) -> int:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        try:
+            return self._send(n, rate, drops)
+        finally:
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            self.sender_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+
+    def _send(self, n: int, rate: int, drops: bool) -> int:
         if not n:
             time.sleep(1.0)
             return 0
@@ -191,7 +203,7 @@ class Bench:
             if proc.poll() is None:
                 proc.kill()
         return Run("ours", drops, rate, n, achieved, json.loads(stdout)["packets"], cpu,
-                   _busy_since(b0, t0))
+                   *_busy_since(b0, t0, cpu + self.sender_cpu))
 
     def tcpdump(self, n: int, rate: int, drops: bool) -> Run:
         out = self.work / "tcpdump.pcap"
@@ -213,13 +225,16 @@ class Bench:
             if proc.poll() is None:
                 proc.kill()
         m = re.search(r"(\d+) packets? captured", err)
-        return Run("tcpdump", drops, rate, n, achieved, int(m.group(1)) if m else 0, cpu, _busy_since(b0, t0))
+        return Run("tcpdump", drops, rate, n, achieved, int(m.group(1)) if m else 0, cpu,
+                   *_busy_since(b0, t0, cpu + self.sender_cpu))
 
 
-def _busy_since(b0: tuple[int, int], t0: float) -> float:
+def _busy_since(b0: tuple[int, int], t0: float, ours: float) -> tuple[float, float]:
+    """(busy CPUs, busy CPUs not ours) since b0/t0; `ours` is the reader's and sender's CPU s."""
     b1 = busy_jiffies()
     total = b1[1] - b0[1]
-    return (b1[0] - b0[0]) / total * os.cpu_count() if total else 0.0
+    busy = (b1[0] - b0[0]) / total * (os.cpu_count() or 1) if total else 0.0
+    return busy, max(busy - ours / max(time.monotonic() - t0, 1e-9), 0.0)
 
 
 def loadavg() -> str:
@@ -234,7 +249,7 @@ def _median(xs: list[float]) -> float:
 def table(runs: list[Run], idle: dict[tuple[str, bool], float]) -> list[str]:
     rows = ["| drops | offered pkt/s | achieved pkt/s | tcpdump us/pkt (steady) | ours us/pkt (steady) "
             "| ratio ours/tcpdump (steady) | lost tcpdump / ours | machine busy (CPUs of "
-            f"{os.cpu_count()}) |", "|---|---|---|---|---|---|---|---|"]
+            f"{os.cpu_count()}) | of it others |", "|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r.drops, r.rate) for r in runs}, key=lambda k: (not k[0], k[1] or 1 << 40))
     for drops, rate in keys:
         cell: dict[str, tuple[float, float, int, int]] = {}
@@ -246,11 +261,13 @@ def table(runs: list[Run], idle: dict[tuple[str, bool], float]) -> list[str]:
         sel = [r for r in runs if r.drops == drops and r.rate == rate]
         achieved = _median([r.achieved for r in sel])
         busy = [r.busy for r in sel]
+        others = [r.others for r in sel]
         t, o = cell["tcpdump"], cell["ours"]
         rows.append(f"| {'on' if drops else 'off'} | {rate or 'max'} | {achieved:,.0f} "
                     f"| {t[0]:.2f} ({t[1]:.2f}) "
                     f"| {o[0]:.2f} ({o[1]:.2f}) | {o[0] / t[0]:.2f} ({o[1] / t[1]:.2f}) | {t[2]} / {o[2]} "
-                    f"(of {t[3]}+{o[3]} runs) | {min(busy):.2f}-{max(busy):.2f} |")
+                    f"(of {t[3]}+{o[3]} runs) | {min(busy):.2f}-{max(busy):.2f} "
+                    f"| {min(others):.2f}-{max(others):.2f} |")
     return rows
 
 
@@ -300,7 +317,7 @@ def main() -> int:
                             print(f"{name:8} drops {'on ' if drops else 'off'} offered {rate or 'max':>7} "
                                   f"achieved {r.achieved:>7}/s captured {r.captured}/{n} lost {r.lost} "
                                   f"CPU {r.cpu:.3f} s = {r.cpu / max(r.captured, 1) * 1e6:.2f} us/pkt "
-                                  f"(busy {r.busy:.2f} CPUs)", flush=True)
+                                  f"(busy {r.busy:.2f} CPUs, others {r.others:.2f})", flush=True)
         finally:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     print(f"load average after: {loadavg()}")
