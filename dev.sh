@@ -5,7 +5,7 @@
 #   ./dev.sh test   install what is needed, run the whole test suite (host + kernel lab VM)
 # and the helpers they use:
 #   ./dev.sh setup  only install (apt packages, .venv with the project and its dev tools)
-#   ./dev.sh bench [capture|decrypt|correlate|kprobes]   run benchmarks (kprobes: in the lab VM)
+#   ./dev.sh bench [capture|decrypt|correlate|report|kprobes]   run benchmarks (kprobes: in the lab VM)
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")"
 ROOT=$PWD
@@ -107,7 +107,7 @@ case "${1:-}" in
     exec "$PY" -m pytest "$@" ;;
   bench)
     setup bench; shift
-    [ $# -gt 0 ] || set -- capture decrypt correlate kprobes
+    [ $# -gt 0 ] || set -- capture decrypt correlate report kprobes
     for b in "$@"; do "$PY" -m "bench.$b"; done ;;
   *) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

@@ -157,6 +157,17 @@ class Capture:
         if o.netns is not None:
             netns_path(o.netns)
 
+    def _only(self) -> Any:
+        """--host/--spi as the rules' match (rules.only.Only), from the filter validated above."""
+        import ipaddress
+
+        from ipsec_capture.rules.only import Only
+
+        f = self._filter
+        if f is None:
+            return Only()
+        return Only(None if f.host is None else ipaddress.ip_address(f.host), f.spi)
+
     def stats_dict(self) -> dict[str, Any]:
         return self.stats.as_dict()
 
@@ -182,8 +193,9 @@ class Capture:
         rs = None
         if o.rules:
             from ipsec_capture.rules.manager import build
-            rs = build(o.group, o.points, o.backend, o.netns)
+            rs = build(o.group, o.points, o.backend, o.netns, only=self._only())
             self.backend = rs.backend
+            self._filter = None  # the rules match --host/--spi: the kernel copies only what we keep
         try:
             self._run(rs)
         except BaseException:
@@ -341,6 +353,15 @@ class Capture:
                 batch = reader.read_batch()
                 if not batch:
                     poller.poll(DRAIN_POLL_MS if drain_until else POLL_MS)
+                if keep is None and not limit:  # the common case: every record is written
+                    for rec in batch:
+                        point = rec.point
+                        if not point:
+                            rec.point = point = default_point
+                        write(rec)
+                        counts[point] = counts.get(point, 0) + 1
+                    st.written += len(batch)
+                    batch = ()
                 for rec in batch:
                     if keep is not None and not keep(rec.payload):
                         st.filtered_out += 1

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from ipsec_capture.errors import UserError
 
 from .command import have, run
+from .only import EVERYTHING, Only
 from .owner import Tag, parse_tag
 from .points import POINTS
 
@@ -63,8 +64,9 @@ def chain_name(group: int, builtin: str) -> str:
     return f"{CHAIN_PREFIX}{group}_{builtin}"
 
 
-def render(tag: Tag, points: Sequence[str], family: int) -> str:
-    """iptables-restore input for one family (use with --noflush)."""
+def render(tag: Tag, points: Sequence[str], family: int, only: Only = EVERYTHING) -> str:
+    """iptables-restore input for one family (use with --noflush). With `only` (--host/--spi)
+    the jumps into our chains carry its match: a packet it drops never enters them."""
     group = tag.group
     by_table: dict[str, dict[str, list[str]]] = {}
     for name in points:
@@ -74,6 +76,7 @@ def render(tag: Tag, points: Sequence[str], family: int) -> str:
             f"-j NFLOG --nflog-group {group} --nflog-prefix {name}"
             for m in matches(name, family)
         )
+    jumps = only.iptables_jumps(family)
     lines = []
     for table in TABLE_ORDER:
         chains = by_table.get(table)
@@ -83,7 +86,8 @@ def render(tag: Tag, points: Sequence[str], family: int) -> str:
         lines += [f":{chain_name(group, builtin)} - [0:0]" for builtin in chains]
         for builtin, rules in chains.items():
             jump = chain_name(group, builtin)
-            lines.append(f'-I {builtin} 1 -m comment --comment "{tag.text()}" -j {jump}')
+            lines += [f'-I {builtin} 1 {m + " " if m else ""}-m comment --comment "{tag.text()}" -j {jump}'
+                      for m in reversed(jumps if jumps is not None else [""])]
             lines += rules
         lines.append("COMMIT")
     return "\n".join(lines) + "\n"

@@ -15,6 +15,7 @@ from ipsec_capture.errors import UserError, require_root
 
 from . import iptables, nft
 from .command import have, run
+from .only import EVERYTHING, Only
 from .owner import Tag, pid_alive
 from .points import POINTS, parse_points
 
@@ -30,6 +31,7 @@ class RuleSet:
     points: tuple[str, ...]
     backend: str
     netns: str | None
+    only: Only = EVERYTHING  # --host/--spi, matched by the rules themselves
     pid: int = field(default_factory=os.getpid)
     started: int = field(default_factory=lambda: int(time.time()))
 
@@ -44,9 +46,9 @@ class RuleSet:
     def scripts(self) -> list[tuple[list[str], str]]:
         """(argv, stdin) pairs in the order install runs them: one for nft, v4 then v6 for iptables."""
         if self.backend == "nft":
-            return [(["nft", "-f", "-"], nft.render(self.tag, self.points))]
+            return [(["nft", "-f", "-"], nft.render(self.tag, self.points, self.only))]
         return [([iptables.tool(fam, self.flavour, "restore"), "--noflush"],
-                 iptables.render(self.tag, self.points, fam)) for fam in iptables.FAMILIES]
+                 iptables.render(self.tag, self.points, fam, self.only)) for fam in iptables.FAMILIES]
 
     def text(self) -> str:
         """The exact nft script, or both iptables-restore inputs each under a comment naming its command."""
@@ -95,13 +97,13 @@ def resolve_backend(backend: str, netns: str | None = None) -> str:
 
 
 def build(group: int, points: Sequence[str] | None = None, backend: str = "auto",
-          netns: str | None = None) -> RuleSet:
+          netns: str | None = None, only: Only = EVERYTHING) -> RuleSet:
     if not 0 <= group <= GROUP_MAX:
         raise UserError(f"NFLOG group {group} out of range: use 0..{GROUP_MAX}")
     if points is not None and not points:
         raise UserError(f"no capture points given: choose from {', '.join(POINTS)}")
     chosen = parse_points(None if points is None else ",".join(points))
-    return RuleSet(group, chosen, resolve_backend(backend, netns), netns)
+    return RuleSet(group, chosen, resolve_backend(backend, netns), netns, only)
 
 
 def _in(netns: str | None) -> str:

@@ -13,6 +13,7 @@ import re
 from collections.abc import Sequence
 
 from .command import run
+from .only import EVERYTHING, Only
 from .owner import Tag, parse_tag
 from .points import POINTS
 
@@ -20,6 +21,7 @@ FAMILY = "inet"
 TABLE_PREFIX = "ipsec_capture_g"
 _TABLE_RE = re.compile(rf"{TABLE_PREFIX}(\d+)")
 
+ONLY_SUFFIX = "_only"  # the regular chain behind a base chain's --host/--spi gotos
 # iptables table -> nft base chain priority (NF_IP_PRI_RAW / _MANGLE / _FILTER, <linux/netfilter_ipv4.h>)
 PRIORITY = {"raw": -300, "mangle": -150, "filter": 0}
 
@@ -52,8 +54,9 @@ def chain_name(point: str) -> str:
     return f"{p.table}_{p.chain.lower()}"
 
 
-def render(tag: Tag, points: Sequence[str]) -> str:
-    """The nft script: exactly what `nft -f -` gets."""
+def render(tag: Tag, points: Sequence[str], only: Only = EVERYTHING) -> str:
+    """The nft script: exactly what `nft -f -` gets. With `only` (--host/--spi) each base chain
+    holds its `goto` rules and the log rules go in a regular chain (`<chain>_only`) behind them."""
     group, table = tag.group, table_name(tag.group)
     chains: dict[str, list[str]] = {}
     for name in points:
@@ -66,8 +69,12 @@ def render(tag: Tag, points: Sequence[str]) -> str:
         f"table {FAMILY} {table} {{",
         f'\tcomment "{tag.text()}"',
     ]
+    entries = only.nft_matches()
     for chain, rules in chains.items():
         tbl, hook = chain.split("_", 1)
+        if entries is not None:
+            lines += [f"\tchain {chain}{ONLY_SUFFIX} {{", *(f"\t\t{r}" for r in rules), "\t}"]
+            rules = [f"{m} goto {chain}{ONLY_SUFFIX}" for m in entries]
         lines += [f"\tchain {chain} {{",
                   f"\t\ttype filter hook {hook} priority {PRIORITY[tbl]}; policy accept;"]
         lines += [f"\t\t{r}" for r in rules]

@@ -11,13 +11,18 @@ import time
 from ipsec_capture.bpf.eventlog import clock_offsets
 from ipsec_capture.bpf.kallsyms import Kallsyms
 from ipsec_capture.bpf.kfree_skb import (
+    FILTER_MAX,
     INSTANCE_PREFIX,
     KfreeSkbSource,
     Tracefs,
+    cached_event_filter,
+    coalesce,
+    event_filter,
     is_xfrm_drop,
     parse_line,
     reason_names,
     remove_stale_instances,
+    xfrm_ranges,
 )
 from tests.conftest import requires_root
 
@@ -111,6 +116,93 @@ def test_block_policy_drop_seen_with_reason_xfrm_policy(netns_pair):
         assert e.detail["location"].startswith("icmp_rcv+0x")  # icmp_rcv checks the inbound policy
         assert t0 - 100_000_000 < e.time_ns < t1 + 100_000_000  # boot clock converted to wall
     assert src.seen >= len(events)
+
+
+KALLSYMS = (b"ffffffff81000000 T _stext\n"
+            b"ffffffff81001000 T xfrm_input\n"
+            b"ffffffff81001400 t xfrm_rcv_cb\n"
+            b"ffffffff81001600 T ip_rcv\n"
+            b"ffffffff81002000 D xfrm_data\n"  # not text: not a range
+            b"ffffffff81003000 T esp_output\n"
+            b"ffffffff81003100 T udp_rcv\n"
+            b"ffffffffc0001000 t esp4_rcv_cb\t[esp4]\n"
+            b"ffffffffc0000800 t esp4_init\t[esp4]\n")
+
+
+def test_event_filter_keeps_xfrm_reasons_and_xfrm_functions():
+    assert xfrm_ranges(KALLSYMS) == [(0xFFFFFFFF81001000, 0xFFFFFFFF81001600),
+                                     (0xFFFFFFFF81003000, 0xFFFFFFFF81003100),
+                                     (0xFFFFFFFFC0000800, 0xFFFFFFFFC0001000 + 0x10000)]
+    fmt = '__print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" }, { 18, "XFRM_POLICY" }, { 40, "XFRM_X" })'
+    text = event_filter(fmt, KALLSYMS)
+    assert text.startswith("reason==18||reason==40||"
+                           "location>=0xffffffff81001000&&location<0xffffffff81001600||")
+    assert event_filter(fmt, b"0000000000000000 T xfrm_input\n") == ""  # kallsyms hidden: no filter
+    assert coalesce([(0, 1), (5, 6), (7, 8), (20, 30)], 2) == [(0, 8), (20, 30)]  # smallest gaps bridged
+
+
+def test_this_kernels_filter_fits_and_covers_little_else():
+    with open("/proc/kallsyms", "rb") as f:
+        syms = f.read()
+    ranges = xfrm_ranges(syms)
+    if not ranges:
+        return  # not root: kallsyms hides addresses (the root test below then checks the kernel)
+    text = event_filter('{ 18, "XFRM_POLICY" }', syms)
+    assert len(text) <= FILTER_MAX
+    spans = [tuple(int(x, 16) for x in part.replace("location>=", "").split("&&location<"))
+             for part in text.split("||")[1:]]
+    exact = sum(hi - lo for lo, hi in ranges)
+    assert sum(hi - lo for lo, hi in spans) < 4 * exact  # the superset stays near the xfrm code
+    assert all(any(lo <= a and b <= hi for lo, hi in spans) for a, b in ranges)
+
+
+@requires_root
+def test_filter_cache_serves_the_same_boot_only(tmp_path):
+    tfs = Tracefs()
+    try:
+        fmt = tfs.read("events/skb/kfree_skb/format")
+    finally:
+        tfs.close()
+    cache = tmp_path / "run" / "kfree_skb.filter"
+    with open("/proc/kallsyms", "rb") as f:
+        fresh = event_filter(fmt, f.read())
+    assert cached_event_filter(fmt, str(cache)) == fresh != ""
+    assert oct(cache.stat().st_mode & 0o777) == "0o600"
+    key, text = cache.read_text().split("\n", 1)
+    assert text == fresh
+    cache.write_text(f"{key}\nreason==1")  # what a cache says for this boot is what we get
+    assert cached_event_filter(fmt, str(cache)) == "reason==1"
+    cache.write_text("another-boot\nreason==1")  # another boot, other modules: computed again
+    assert cached_event_filter(fmt, str(cache)) == fresh
+    assert cache.read_text() == f"{key}\n{fresh}"
+
+
+@requires_root
+def test_background_drops_stay_in_the_kernel(netns_pair):
+    """UDP to a closed port: every packet is freed (NO_SOCKET), none of them becomes a trace line
+    for us, while the block policy's XFRM_POLICY drops still do."""
+    p = netns_pair
+    p.run("b", "ip", "xfrm", "policy", "add", "src", p.a4, "dst", p.b4, "dir", "in", "action", "block")
+    src = KfreeSkbSource(clock_offsets()["wall_minus_boot_ns"])
+    events: list = []
+    n = 3000
+    sender = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+              f"for _ in range({n}): s.sendto(b'x', ('127.0.0.1', 9))")
+    try:
+        src.start(events.append)
+        assert src.kernel_filter.startswith("reason==")
+        p.run("a", sys.executable, "-c", sender)
+        p.run("a", "ping", "-c", "2", "-i", "0.2", "-W", "1", p.b4, check=False)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and sum(e.reason == "XFRM_POLICY" for e in events) < 2:
+            time.sleep(0.1)
+    finally:
+        src.stop()
+    no_ports = subprocess.run(["ip", "netns", "exec", p.a, "cat", "/proc/net/snmp"], capture_output=True,
+                              text=True, check=True).stdout.split("Udp: ")[2].split()[1]
+    assert int(no_ports) >= n  # the drops did happen
+    assert sum(e.reason == "XFRM_POLICY" for e in events) >= 2
+    assert src.seen < n // 10, f"{src.seen} trace lines read for {n} background drops"
 
 
 @requires_root
