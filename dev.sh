@@ -14,12 +14,20 @@ PY=$VENV/bin/python
 APT_PACKAGES=(
   python3 python3-venv python3-pip            # the venv's interpreter (same one bcc is built for)
   nftables iptables iproute2 tcpdump tshark   # rules, peers and the Wireshark oracle
-  python3-bpfcc                               # kprobes (bcc); a system package, linked into the venv
-  qemu-system-x86 busybox-static              # the kernel lab VM
+  libbpf1                                     # loads the shipped CO-RE probes (bpf/core.py, at run time)
+  clang bpftool libbpf-dev                    # builds them once (bpf/build.py: build machine only)
+  python3-bpfcc                               # kprobes (bcc, the fallback); a system package, linked into the venv
+  qemu-system-x86 busybox-static zstd         # the kernel lab VM (zstd: 6.12's kernel payload)
   linux-image-amd64 linux-headers-amd64       # the lab's kernel (ESP, GCM, kprobes) and bcc's headers
   chromium                                    # the HTML report test takes a screenshot
   procps kmod ca-certificates iputils-ping ncat
 )
+
+# The second lab kernel: bookworm-backports' 6.12 (the kernel line of Debian 13, RHEL 10). Only its
+# versioned image and headers come from backports (never the linux-image-amd64 metapackage, so
+# the 6.1 default and every other package stay Debian 12's own).
+BACKPORTS=bookworm-backports
+BACKPORTS_SOURCE=/etc/apt/sources.list.d/ipsec-capture-$BACKPORTS.sources
 
 say() { printf '[dev.sh] %s\n' "$*" >&2; }
 
@@ -39,6 +47,37 @@ install_apt() {
     apt-get install -y -q --no-install-recommends "${missing[@]}" >/tmp/ipsec-capture-apt.log 2>&1 \
       || { tail -n 30 /tmp/ipsec-capture-apt.log >&2; say "apt-get install failed (log: /tmp/ipsec-capture-apt.log)"; exit 1; }
   fi
+}
+
+install_backports_kernel() {
+  # shellcheck disable=SC1091
+  [ "$(. /etc/os-release; echo "${VERSION_CODENAME:-}")" = bookworm ] || return 0
+  compgen -G "/boot/vmlinuz-6.12*" >/dev/null && return 0
+  export DEBIAN_FRONTEND=noninteractive
+  if ! grep -rqs "$BACKPORTS" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    say "apt: adding $BACKPORTS (the 6.12 lab kernel)"
+    printf 'Types: deb\nURIs: $mirror\nSuites: %s\nComponents: main\nSigned-By: %s\n' \
+      "$BACKPORTS" /usr/share/keyrings/debian-archive-keyring.gpg >"$BACKPORTS_SOURCE"
+  fi
+  apt-get update -q >/dev/null
+  local want=() meta version
+  for meta in linux-image-amd64 linux-headers-amd64; do
+    version=$(apt-cache madison "$meta" | awk -F'|' -v r="$BACKPORTS" '$3 ~ r {gsub(/ /, "", $2); print $2; exit}')
+    [ -n "$version" ] || { say "apt: no $meta in $BACKPORTS"; exit 1; }
+    want+=("$(apt-cache show "$meta=$version" | sed -n 's/^Depends: \([^ ,]*\).*/\1/p' | head -n1)/$BACKPORTS")
+  done
+  say "apt: installing the 6.12 lab kernel ${want[*]}"
+  apt-get install -y -q --no-install-recommends "${want[@]}" >/tmp/ipsec-capture-apt.log 2>&1 \
+    || { tail -n 30 /tmp/ipsec-capture-apt.log >&2; say "apt-get install failed (log: /tmp/ipsec-capture-apt.log)"; exit 1; }
+}
+
+# The CO-RE object, built from bpf/xfrm_probes.bpf.c against vmlinux.h from the 6.1 lab kernel's BTF
+# (bpf/build.py says why); rebuilt only when its source or that BTF changed.
+build_bpf() {
+  local btf
+  btf=$("$PY" -c 'from ipsec_capture.lab.vm import kernel_elf; print(kernel_elf())') \
+    || { say "no 6.1 lab kernel to take BTF from (apt-get install linux-image-amd64)"; exit 1; }
+  "$PY" -m ipsec_capture.bpf.build --btf "$btf" --if-stale
 }
 
 install_venv() {
@@ -61,7 +100,7 @@ install_venv() {
   fi
 }
 
-setup() { need_root "$@"; install_apt; install_venv; }
+setup() { need_root "$@"; install_apt; install_backports_kernel; install_venv; build_bpf; }
 
 case "${1:-}" in
   setup) setup setup ;;

@@ -281,6 +281,16 @@ def extract_vmlinux(kernel: Path, cache: Path) -> Path | None:
     return None  # unknown compression: boot the bzImage instead (a few seconds slower)
 
 
+def kernel_elf(choice: str = DEFAULT_KERNEL) -> Path:
+    """The uncompressed vmlinux of a lab kernel (cached): its .BTF section is what bpf/build.py
+    makes vmlinux.h from (dev.sh: Debian 12's 6.1, whatever else is installed)."""
+    kernel = find_kernel(choice)
+    elf = extract_vmlinux(kernel, cache_dir(kernel.name.removeprefix("vmlinuz-")))
+    if elf is None:
+        raise VMError(f"cannot unpack {kernel} (not xz, zstd or gzip)")
+    return elf
+
+
 def venv_bin() -> str | None:
     """The running project's venv bin dir, so `ipsec-capture` resolves the same in the guest."""
     if sys.prefix != sys.base_prefix:
