@@ -143,8 +143,7 @@ class CoreSource:
         self.missing: list[str] = []
         self.load_s = 0.0
         self.count = 0
-        self.drops_seen = 0  # kfree_skb calls the program saw / let out (read at stop)
-        self.drops_sent = 0
+        self._final: dict[int, int] = {}  # the kernel counters as they were at stop
         self.per_kind: dict[str, int] = {}
         self._obj: libbpf.BpfObject | None = None
         self._links: list[libbpf.Link] = []
@@ -278,12 +277,22 @@ class CoreSource:
     def counter(self, which: int) -> int:
         """Sum over CPUs of a kernel-side counter (C_LOST, C_DROPS_SEEN, C_DROPS_SENT)."""
         if self._counters is None:
-            return 0
+            return self._final.get(which, 0)
         return sum(self._counters[which::8])
 
     @property
     def lost(self) -> int:
         return self.counter(C_LOST)
+
+    @property
+    def drops_seen(self) -> int:
+        """kfree_skb calls the program saw (every drop on the machine) ..."""
+        return self.counter(C_DROPS_SEEN)
+
+    @property
+    def drops_sent(self) -> int:
+        """... and the ones its filters let out to us."""
+        return self.counter(C_DROPS_SENT)
 
     def start(self, emit: Callable[[Event | EncodedEvent], None]) -> None:
         self._emit = emit
@@ -331,8 +340,7 @@ class CoreSource:
                                  detail={"count": lost, "why": "ring buffer full"}))
             self._ring.free()
             self._ring = None
-        self.drops_seen = self.counter(C_DROPS_SEEN)
-        self.drops_sent = self.counter(C_DROPS_SENT)
+        self._final = {c: self.counter(c) for c in (C_LOST, C_DROPS_SEEN, C_DROPS_SENT)}
         if self._counters is not None:
             self._counters.release()
             self._counters = None
