@@ -2,7 +2,8 @@
 # dev.sh - the project's two entry points on a fresh Debian/Ubuntu machine (as root, or as a user
 # who may sudo: dev.sh runs itself again with sudo when it is not root):
 #   ./dev.sh demo   install what is needed, build the IPsec lab, capture it (VM if the kernel lacks ESP)
-#   ./dev.sh test   install what is needed, run the whole test suite (host + kernel lab VM)
+#   ./dev.sh test   install what is needed, run the whole test suite (host + kernel lab VM on 6.1),
+#                   then the lab's probe and end-to-end tests again on 6.12
 # and the helpers they use:
 #   ./dev.sh setup  only install (apt packages, .venv with the project and its dev tools)
 #   ./dev.sh bench [capture|decrypt|correlate|report|kprobes]   run benchmarks (kprobes: in the lab VM)
@@ -15,8 +16,10 @@ PY=$VENV/bin/python
 APT_PACKAGES=(
   python3 python3-venv python3-pip            # the venv's interpreter (same one bcc is built for)
   nftables iptables iproute2 tcpdump tshark   # rules, peers and the Wireshark oracle
-  python3-bpfcc                               # kprobes (bcc); a system package, linked into the venv
-  qemu-system-x86 busybox-static              # the kernel lab VM
+  libbpf1                                     # loads the shipped CO-RE probes (bpf/core.py, at run time)
+  clang bpftool libbpf-dev                    # builds them once (bpf/build.py: build machine only)
+  python3-bpfcc                               # kprobes (bcc, the fallback); a system package, linked into the venv
+  qemu-system-x86 busybox-static zstd         # the kernel lab VM (zstd: 6.12's kernel payload)
   linux-image-amd64 linux-headers-amd64       # the lab's kernel (ESP, GCM, kprobes) and bcc's headers
   chromium                                    # the HTML report test takes a screenshot
   prometheus                                  # `watch` tests: a real Prometheus server and promtool
@@ -27,6 +30,12 @@ APT_PACKAGES=(
 # (with the libraries it needs that are not installed here) into a private root pluto runs from.
 LIBRESWAN_DEBS=(libreswan libnss3-tools libevent-pthreads-2.1-7 libldns3 libcurl3-nss)
 LIBRESWAN_ROOT=${IPSEC_CAPTURE_LIBRESWAN_ROOT:-/var/cache/ipsec-capture/libreswan}
+
+# The second lab kernel: bookworm-backports' 6.12 (the kernel line of Debian 13, RHEL 10). Only its
+# versioned image and headers come from backports (never the linux-image-amd64 metapackage, so
+# the 6.1 default and every other package stay Debian 12's own).
+BACKPORTS=bookworm-backports
+BACKPORTS_SOURCE=/etc/apt/sources.list.d/ipsec-capture-$BACKPORTS.sources
 
 say() { printf '[dev.sh] %s\n' "$*" >&2; }
 
@@ -73,6 +82,42 @@ unpack_libreswan() {
   mv "$LIBRESWAN_ROOT.tmp" "$LIBRESWAN_ROOT"
 }
 
+install_backports_kernel() {
+  # shellcheck disable=SC1091
+  [ "$(. /etc/os-release; echo "${VERSION_CODENAME:-}")" = bookworm ] || return 0
+  compgen -G "/boot/vmlinuz-6.12*" >/dev/null && return 0
+  export DEBIAN_FRONTEND=noninteractive
+  if ! grep -rqs "$BACKPORTS" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    say "apt: adding $BACKPORTS (the 6.12 lab kernel)"
+    # the mirror this machine already uses for bookworm (its first deb822 or one-line source)
+    local mirror
+    mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -n1)
+    [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" && $3 == "bookworm" {print $2; exit}' /etc/apt/sources.list 2>/dev/null)
+    [ -n "$mirror" ] || { say "apt: no bookworm mirror found in /etc/apt to add $BACKPORTS from"; exit 1; }
+    printf 'Types: deb\nURIs: %s\nSuites: %s\nComponents: main\nSigned-By: %s\n' \
+      "$mirror" "$BACKPORTS" /usr/share/keyrings/debian-archive-keyring.gpg >"$BACKPORTS_SOURCE"
+  fi
+  apt-get update -q >/dev/null
+  local want=() meta version
+  for meta in linux-image-amd64 linux-headers-amd64; do
+    version=$(apt-cache madison "$meta" | awk -F'|' -v r="$BACKPORTS" '$3 ~ r {gsub(/ /, "", $2); print $2; exit}')
+    [ -n "$version" ] || { say "apt: no $meta in $BACKPORTS"; exit 1; }
+    want+=("$(apt-cache show "$meta=$version" | sed -n 's/^Depends: \([^ ,]*\).*/\1/p' | head -n1)/$BACKPORTS")
+  done
+  say "apt: installing the 6.12 lab kernel ${want[*]}"
+  apt-get install -y -q --no-install-recommends "${want[@]}" >/tmp/ipsec-capture-apt.log 2>&1 \
+    || { tail -n 30 /tmp/ipsec-capture-apt.log >&2; say "apt-get install failed (log: /tmp/ipsec-capture-apt.log)"; exit 1; }
+}
+
+# The CO-RE object, built from bpf/xfrm_probes.bpf.c against vmlinux.h from the 6.1 lab kernel's BTF
+# (bpf/build.py says why); rebuilt only when its source or that BTF changed.
+build_bpf() {
+  local btf
+  btf=$("$PY" -c 'from ipsec_capture.lab.vm import kernel_elf; print(kernel_elf())') \
+    || { say "no 6.1 lab kernel to take BTF from (apt-get install linux-image-amd64)"; exit 1; }
+  "$PY" -m ipsec_capture.bpf.build --btf "$btf" --if-stale
+}
+
 install_venv() {
   if [ ! -x "$PY" ]; then
     say "creating $VENV"
@@ -93,7 +138,7 @@ install_venv() {
   fi
 }
 
-setup() { install_apt; unpack_libreswan; install_venv; }
+setup() { install_apt; install_backports_kernel; unpack_libreswan; install_venv; build_bpf; }
 
 case "${1:-}" in
   setup|demo|test|bench) as_root "$@" ;;
@@ -104,7 +149,12 @@ case "${1:-}" in
   test)
     setup test; shift
     "$VENV/bin/ruff" check .
-    exec "$PY" -m pytest "$@" ;;
+    [ $# -eq 0 ] || exec "$PY" -m pytest "$@"
+    "$PY" -m pytest   # everything; the lab VM boots Debian 12's 6.1
+    # the second lab kernel, bookworm-backports' 6.12: the probes and a smaller end-to-end set
+    say "lab tests again on the 6.12 kernel"
+    IPSEC_CAPTURE_LAB_KERNEL=6.12 IPSEC_CAPTURE_LAB_SCENARIOS=gcm,natt \
+      exec "$PY" -m pytest -m lab tests/lab/test_lab_bpf.py tests/lab/test_lab_e2e.py ;;
   bench)
     setup bench; shift
     [ $# -gt 0 ] || set -- capture decrypt correlate report kprobes

@@ -1,7 +1,8 @@
 """The events log of a live capture (`out.events.jsonl` beside `out.pcapng`) or of `events`.
 
 `start` gets one companion that owns the whole log, so the log tells one story in order:
-a header (host, kernel, clocks, the sources and why each is on or off), the SA snapshot taken
+a header (host, kernel, clocks, the sources that attached and why the others did not: the
+kernel sources are attached before the header is written), the SA snapshot taken
 before `ready` (so the correlation knows which SA held each SPI when the capture began, even
 with no monitor event for it), then the kernel events as the sources produce them, and last
 the capture's own statistics (source `capture`: packets per point, lost, ENOBUFS), because a
@@ -21,7 +22,7 @@ from ipsec_capture.errors import UserError
 from ipsec_capture.models import Event
 from ipsec_capture.netns import netns_inode
 
-from .eventlog import EventLogWriter, make_header
+from .eventlog import EventLogWriter, clock_offsets, make_header
 from .sources import KernelEvents, describe, plan_sources
 
 
@@ -68,20 +69,27 @@ class CaptureEvents:
             print(f"ipsec-capture: {msg}", file=sys.stderr, flush=True)
 
     def start(self) -> None:
-        header = make_header(sources=[s.to_dict() for s in self.plan],
-                             netns={"name": self.netns, "inode": self._inode})
-        self._writer = self._open(self.path, header)
+        clock = clock_offsets()
+        self._kernel = KernelEvents(None, self.mode, self.netns, self.poll_interval,
+                                    keep_all_drops=self.keep_all_drops, progress=self._say,
+                                    plan=self.plan, clock=clock)
+        self.plan = self._kernel.attach()  # what attached, before the header says so
+        self._say(describe(self.plan))
+        try:
+            header = make_header(sources=[s.to_dict() for s in self.plan], clock=clock,
+                                 netns={"name": self.netns, "inode": self._inode})
+            self._writer = self._open(self.path, header)
+        except BaseException:
+            self._kernel.stop()
+            raise
         try:
             snapshot = sa_snapshot_events(self.netns, self._inode)
             for ev in snapshot:
                 self._writer.write(ev)
-            self._say(describe(self.plan))
-            self._kernel = KernelEvents(self._writer, self.mode, self.netns, self.poll_interval,
-                                        keep_all_drops=self.keep_all_drops, progress=self._say,
-                                        plan=self.plan)
-            self._kernel.start()
+            self._kernel.start(self._writer)
             self._writer.flush()
         except BaseException:
+            self._kernel.stop()
             self._writer.close()
             with contextlib.suppress(OSError):
                 os.unlink(self.path)

@@ -7,6 +7,7 @@ list-lookup speed, with no per-symbol objects. Needs root (otherwise every addre
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 
 KALLSYMS = "/proc/kallsyms"
 _TEXT_TYPES = frozenset("tTwW")
@@ -55,3 +56,22 @@ class Kallsyms:
             if n == name:
                 return a
         return None
+
+    def extents(self, wanted: Callable[[str], bool]) -> list[tuple[int, int]]:
+        """Sorted [start, end) of every function whose name `wanted` accepts (a function ends
+        where the next text symbol begins), neighbours merged: the drop locations a BPF filter
+        tests in the kernel. The last symbol of the table has no end: it is left out."""
+        out: list[tuple[int, int]] = []
+        addrs, names = self._addrs, self._names
+        for i, (start, name) in enumerate(zip(addrs, names, strict=True)):
+            if not wanted(name):
+                continue
+            j = bisect.bisect_right(addrs, start, i)  # past aliases at the same address
+            if j == len(addrs):
+                continue
+            end = addrs[j]
+            if out and out[-1][1] >= start:
+                out[-1] = (out[-1][0], max(end, out[-1][1]))
+            else:
+                out.append((start, end))
+        return out

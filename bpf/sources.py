@@ -1,12 +1,20 @@
 """Which kernel event sources this machine allows, and running them together into one events log.
 
-`auto` takes the richest the kernel offers: the bcc kprobe source (per packet: xfrm_input /
-xfrm_output with SPI, seq and return code, the audit anchors and skb:kfree_skb from BPF) when the
-kernel has kprobes and bcc and headers are installed; otherwise skb:kfree_skb through a tracefs
-instance. /proc/net/xfrm_stat deltas and XFRM monitor events run in both cases. Every source
-reports why it is on or off, and that list goes into the log header and onto stderr.
-"kprobe" names our xfrm probes, however attached: fentry/fexit (BPF trampolines, cheaper) where
-the kernel has BTF and trampolines, kprobe/kretprobe otherwise; the attach line says which.
+Two slots carry kernel verdicts, each filled by the first candidate that really attaches:
+  kprobe      per packet: xfrm_input / xfrm_output with SPI, seq and return code, the audit
+              anchors, and skb:kfree_skb from the same BPF object. Candidates: the CO-RE object
+              (core.py: the kernel has BTF; shipped built, loads in well under a second) -> bcc
+              (kprobes.py: no BTF but kernel headers; compiles for 40-120 s under emulation).
+  tracepoint  skb:kfree_skb alone, where no per-packet probe attaches: the CO-RE object's
+              tracepoint program (drops filtered in the kernel, with their namespace) -> a
+              tracefs instance of our own (kfree_skb.py: no BPF at all).
+/proc/net/xfrm_stat deltas and XFRM monitor events run beside them; with nothing else attached
+those counters are what is left. A candidate that fails to compile, load or attach is never
+fatal under `auto`: the next one is tried, and why the others did not attach is part of the
+one line `start` prints (and of the events log header). "kprobe" names our xfrm probes however
+they enter the functions (fentry/fexit or kprobes); `via` names the loader (core, bcc, tracefs).
+Only the capture's network namespace leaves the kernel (the one `--netns` names, or the one the
+capture runs in).
 """
 
 from __future__ import annotations
@@ -26,11 +34,14 @@ from ipsec_capture.errors import UserError
 from ipsec_capture.models import EncodedEvent, Event
 from ipsec_capture.netns import netns_inode, netns_path
 
-from .eventlog import EventLogWriter
+from .eventlog import EventLogWriter, clock_offsets
+from .kprobes import KPROBE_PMU
 
-MODES = ("auto", "kprobe", "tracepoint", "off")
-KPROBE_PMU = "/sys/bus/event_source/devices/kprobe"
+# auto: the richest that attaches; kprobe: insist on per-packet probes (CO-RE, else bcc);
+# bcc: per-packet probes through bcc only (the fallback, forced); tracepoint: drops only; off
+MODES = ("auto", "kprobe", "bcc", "tracepoint", "off")
 BCC_INSTALL = "apt-get install python3-bpfcc linux-headers-$(uname -r)"
+SLOTS = ("kprobe", "tracepoint", "xfrm_stat", "xfrm_monitor")
 
 
 @dataclass(slots=True)
@@ -38,9 +49,13 @@ class SourceStatus:
     name: str  # kprobe | tracepoint | xfrm_stat | xfrm_monitor
     active: bool
     why: str
+    via: str = ""  # who fills it: core | bcc (kprobe), core | tracefs (tracepoint)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "active": self.active, "why": self.why}
+        d: dict[str, Any] = {"name": self.name, "active": self.active, "why": self.why}
+        if self.via and self.active:
+            d["via"] = self.via
+        return d
 
 
 class Source(Protocol):
@@ -52,25 +67,37 @@ class Source(Protocol):
 
 
 def kprobe_status() -> SourceStatus:
-    """kprobes in the kernel, bcc importable, headers for bcc's compiler, root."""
+    """bcc's kprobe source: kprobes in the kernel, bcc importable, headers for its compiler, root."""
     if not os.path.isdir(KPROBE_PMU):
-        return SourceStatus("kprobe", False, "this kernel has no kprobes (CONFIG_KPROBES off)")
+        return SourceStatus("kprobe", False, "this kernel has no kprobes (CONFIG_KPROBES off)", "bcc")
     if importlib.util.find_spec("bcc") is None:
-        return SourceStatus("kprobe", False, f"bcc is not installed: {BCC_INSTALL}")
+        return SourceStatus("kprobe", False, f"bcc is not installed: {BCC_INSTALL}", "bcc")
     build = f"/lib/modules/{platform.release()}/build"
     if not os.path.isdir(build):
-        return SourceStatus("kprobe", False, f"no kernel headers at {build}: {BCC_INSTALL}")
+        return SourceStatus("kprobe", False, f"no kernel headers at {build}: {BCC_INSTALL}", "bcc")
     if os.geteuid() != 0:
-        return SourceStatus("kprobe", False, "needs root to load BPF programs")
+        return SourceStatus("kprobe", False, "needs root to load BPF programs", "bcc")
     return SourceStatus("kprobe", True, "bcc probes on xfrm_input/xfrm_output and the audit anchors "
-                        "(fentry/fexit where the kernel has BPF trampolines, else kprobes), skb:kfree_skb")
+                        "(fentry/fexit where the kernel has BPF trampolines, else kprobes), skb:kfree_skb",
+                        via="bcc")
+
+
+def core_status(name: str = "kprobe") -> SourceStatus:
+    from .core import status
+
+    ok, why = status()
+    if ok:
+        why = ("CO-RE probes on xfrm_input/xfrm_output and the audit anchors, skb:kfree_skb"
+               if name == "kprobe" else "skb:kfree_skb via the CO-RE tracepoint program (drops filtered "
+               "in the kernel)")
+    return SourceStatus(name, ok, why, "core")
 
 
 def tracepoint_status() -> SourceStatus:
     from .kfree_skb import tracefs_available
 
     ok, why = tracefs_available()
-    return SourceStatus("tracepoint", ok, f"skb:kfree_skb via {why}" if ok else why)
+    return SourceStatus("tracepoint", ok, f"skb:kfree_skb via {why}" if ok else why, "tracefs")
 
 
 def xfrm_stat_status(netns: str | None) -> SourceStatus:
@@ -93,21 +120,46 @@ def xfrm_monitor_status() -> SourceStatus:
     return SourceStatus("xfrm_monitor", True, "XFRM netlink monitor: SA/policy changes, acquire, expire")
 
 
+def candidates(slot: str, mode: str) -> list[SourceStatus]:
+    """The ways to fill `slot` under `mode`, in the order they are tried (active = may work here)."""
+    if slot == "kprobe":
+        if mode == "tracepoint":
+            return []
+        return [kprobe_status()] if mode == "bcc" else [core_status("kprobe"), kprobe_status()]
+    return [core_status("tracepoint"), tracepoint_status()]
+
+
+VIA = {"core": "CO-RE", "bcc": "bcc", "tracefs": "tracefs"}  # as the one line names them
+
+
+def not_attached(slot: str, failures: list[tuple[str, str]]) -> SourceStatus:
+    """The slot off, with every candidate's reason: `CO-RE: ...; bcc: ...`."""
+    return SourceStatus(slot, False, "; ".join(f"{VIA.get(via, via)}: {why}" for via, why in failures))
+
+
+def _first(slot: str, options: list[SourceStatus]) -> SourceStatus:
+    for option in options:
+        if option.active:
+            return option
+    return not_attached(slot, [(o.via, o.why) for o in options])
+
+
 def plan_sources(mode: str = "auto", netns: str | None = None) -> list[SourceStatus]:
-    """What the kernel allows for `mode`, each source with active and why (nothing is started)."""
+    """What the kernel allows for `mode`, each source with active and why (nothing is loaded:
+    KernelEvents.attach() tries the candidates and turns this plan into what attached)."""
     if mode not in MODES:
         raise UserError(f"--kernel-events must be one of {', '.join(MODES)}, not {mode!r}")
     netns_path(netns)  # a bad name fails here, with the remedy
     if mode == "off":
-        return [SourceStatus(n, False, "--kernel-events off")
-                for n in ("kprobe", "tracepoint", "xfrm_stat", "xfrm_monitor")]
-    kp = kprobe_status()
-    if mode == "tracepoint" and kp.active:
+        return [SourceStatus(n, False, "--kernel-events off") for n in SLOTS]
+    if mode == "tracepoint":
         kp = SourceStatus("kprobe", False, "not asked for (--kernel-events tracepoint)")
+    else:
+        kp = _first("kprobe", candidates("kprobe", mode))
     if kp.active:
         tp = SourceStatus("tracepoint", False, "skb:kfree_skb comes from the kprobe source's BPF tracepoint")
     else:
-        tp = tracepoint_status()
+        tp = _first("tracepoint", candidates("tracepoint", mode))
     return [kp, tp, xfrm_stat_status(netns), xfrm_monitor_status()]
 
 
@@ -146,15 +198,17 @@ def _progress(msg: str) -> None:
 
 
 class KernelEvents:
-    """The capture's companion that writes kernel events: `start()` returns once every planned
-    source is attached (write the `ready` line after it), `stop()` flushes the last counter deltas."""
+    """The capture's companion that writes kernel events: `attach()` fills each slot with the
+    first candidate that attaches (and leaves `sources` saying what attached and why not the
+    others), `start()` (attaching first if needed) returns once every source runs: write the
+    `ready` line after it. `stop()` flushes the last counter deltas."""
 
     name = "events"
 
-    def __init__(self, writer: EventLogWriter, mode: str = "auto", netns: str | None = None,
+    def __init__(self, writer: EventLogWriter | None, mode: str = "auto", netns: str | None = None,
                  poll_interval: float = 0.5, keep_all_drops: bool = False,
                  progress: Callable[[str], None] = _progress,
-                 plan: list[SourceStatus] | None = None) -> None:
+                 plan: list[SourceStatus] | None = None, clock: dict[str, int] | None = None) -> None:
         self.writer = writer
         self.mode = mode
         self.netns = netns
@@ -163,47 +217,95 @@ class KernelEvents:
         self.progress = progress
         self.sources: list[SourceStatus] = plan if plan is not None else plan_sources(mode, netns)
         self.running: list[Source] = []
-        clock = writer.header.get("clock") or {}
+        # the namespace whose events leave the kernel: --netns, else the one we run in
+        self.inode = netns_inode(netns)
+        clock = clock or (writer.header.get("clock") if writer is not None else None) or clock_offsets()
         self._wall_minus_boot = int(clock.get("wall_minus_boot_ns", 0))
         self._wall_minus_mono = int(clock.get("wall_minus_mono_ns", 0))
+        self._attached = False
 
-    def _build(self, status: SourceStatus) -> Source:
-        if status.name == "kprobe":
+    def _make(self, slot: str, via: str) -> Source:
+        if slot in ("kprobe", "tracepoint") and via == "core":
+            from .core import CoreSource
+
+            return CoreSource(self._wall_minus_mono, netns=[self.inode], keep_all_drops=self.keep_all_drops,
+                              progress=self.progress, mechanism="auto" if slot == "kprobe" else "none")
+        if slot == "kprobe":
             from .kprobes import KprobeSource
 
-            return KprobeSource(self._wall_minus_mono, netns_inode(self.netns) if self.netns else None,
-                                keep_all_drops=self.keep_all_drops, progress=self.progress)
-        if status.name == "tracepoint":
+            return KprobeSource(self._wall_minus_mono, self.inode, keep_all_drops=self.keep_all_drops,
+                                progress=self.progress)
+        if slot == "tracepoint":
             from .kfree_skb import KfreeSkbSource
 
             return KfreeSkbSource(self._wall_minus_boot, keep_all=self.keep_all_drops)
-        if status.name == "xfrm_stat":
+        if slot == "xfrm_stat":
             from .xfrm_stat import XfrmStatSource
 
             return XfrmStatSource(self.netns, self.poll_interval)
         return MonitorSource(self.netns)
 
-    def start(self) -> None:
-        if self.mode in ("kprobe", "tracepoint"):
-            main = next(s for s in self.sources if s.name == self.mode)
-            if not main.active:
-                raise UserError(f"--kernel-events {self.mode}: {main.why} (try --kernel-events auto)")
+    def _fill(self, slot: str) -> SourceStatus:
+        """Try `slot`'s candidates in order; the first that attaches stays in `running`."""
+        failures: list[tuple[str, str]] = []
+        for option in candidates(slot, self.mode):
+            if not option.active:
+                failures.append((option.via, option.why))
+                continue
+            t0 = time.monotonic()
+            src = self._make(slot, option.via)
+            try:
+                src.attach()  # type: ignore[attr-defined]
+            except (UserError, OSError) as err:  # a failed compile or load: the next candidate
+                failures.append((option.via, str(err)))
+                continue
+            self.running.append(src)
+            return SourceStatus(slot, True, _attached_why(src, option.via, time.monotonic() - t0, failures),
+                                option.via)
+        return not_attached(slot, failures)
+
+    def attach(self) -> list[SourceStatus]:
+        """Load and attach every planned source; UserError if the mode insists on one that cannot."""
+        if self._attached:
+            return self.sources
+        plan = {s.name: s for s in self.sources}
         try:
-            for status in self.sources:
-                if not status.active:
-                    continue
-                t0 = time.monotonic()
-                src = self._build(status)
+            kp = plan["kprobe"]
+            if self.mode not in ("tracepoint", "off"):
+                kp = self._fill("kprobe")
+                if not kp.active and self.mode in ("kprobe", "bcc"):
+                    raise UserError(f"--kernel-events {self.mode}: {kp.why} (try --kernel-events auto)")
+            tp = plan["tracepoint"]
+            if kp.active:
+                tp = SourceStatus("tracepoint", False, "skb:kfree_skb comes from the kprobe source's BPF "
+                                  "program")
+            elif self.mode != "off":
+                tp = self._fill("tracepoint")
+                if not tp.active and self.mode == "tracepoint":
+                    raise UserError(f"--kernel-events tracepoint: {tp.why} (try --kernel-events auto)")
+            rest = []
+            for status in (plan["xfrm_stat"], plan["xfrm_monitor"]):
+                if status.active:
+                    self.running.append(self._make(status.name, ""))
+                rest.append(status)
+        except BaseException:
+            self.stop()
+            raise
+        self.sources = [kp, tp, *rest]
+        self._attached = True
+        return self.sources
+
+    def start(self, writer: EventLogWriter | None = None) -> None:
+        if writer is not None:
+            self.writer = writer
+        if self.writer is None:
+            raise ValueError("KernelEvents.start needs the events log writer")
+        try:
+            if not self._attached:
+                self.attach()
+                self.progress(describe(self.sources))
+            for src in self.running:
                 src.start(self.writer.write)
-                self.running.append(src)
-                spent = time.monotonic() - t0
-                attached = getattr(src, "attached", None)
-                if attached:  # what the kprobe source really used: fentry/fexit or kprobes
-                    fallback = getattr(src, "fallback", "")
-                    self.progress(f"{status.name} source attached in {spent:.1f} s: {', '.join(attached)}"
-                                  + (f" ({fallback})" if fallback else ""))
-                elif spent > 1:
-                    self.progress(f"{status.name} source attached in {spent:.1f} s")
         except BaseException:
             self.stop()
             raise
@@ -219,12 +321,27 @@ class KernelEvents:
             except Exception as err:  # one failing source must not leave the others attached
                 errors.append(f"{src.name}: {err}")
             counts[src.name] = src.count
-        self.writer.flush()
+        if self.writer is not None:
+            self.writer.flush()
         summary: dict[str, Any] = {"events": counts,
                                    "sources": [s.to_dict() for s in self.sources]}
         if errors:
             summary["errors"] = errors
         return summary
+
+
+def _attached_why(src: Any, via: str, seconds: float, failures: list[tuple[str, str]]) -> str:
+    """`CO-RE fentry/fexit in 0.3 s: fentry:xfrm_input, ...`, then why earlier candidates did not."""
+    mech = {"fentry": "fentry/fexit", "kprobe": "kprobe/kretprobe", "none": "tracepoint"}.get(
+        getattr(src, "mechanism", ""), "")
+    what = ", ".join(getattr(src, "attached", []) or []) or getattr(src, "instance", "") or src.name
+    text = f"{VIA.get(via, via)}{' ' + mech if mech else ''} in {seconds:.1f} s: {what}"
+    notes = [f"{VIA.get(v, v)}: {why}" for v, why in failures]
+    if getattr(src, "fallback", ""):
+        notes.append(src.fallback)
+    if getattr(src, "missing", None):
+        notes.append(f"not in this kernel: {', '.join(src.missing)}")
+    return text + (f" (not: {'; '.join(notes)})" if notes else "")
 
 
 def describe(statuses: list[SourceStatus]) -> str:

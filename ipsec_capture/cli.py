@@ -19,7 +19,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "ipsec_capture.rules.cli": ("rules",),
     "ipsec_capture.xfrm.cli": ("keys", "sa"),
     "ipsec_capture.decrypt.cli": ("decrypt",),
-    "ipsec_capture.bpf.cli": ("events",),
+    "ipsec_capture.bpf.cli": ("events", "sources"),
     "ipsec_capture.correlate.cli": ("report",),
     "ipsec_capture.lab.cli": ("lab",),
     "ipsec_capture.watch.cli": ("watch",),

@@ -79,7 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = lsub.add_parser(
         "vm", help="run a command in the kernel lab VM (Debian's kernel under QEMU, host root read-only)",
-        description="Boots /boot/vmlinuz-* (Debian linux-image-amd64: ESP, GCM, kprobes) under QEMU with the "
+        description="Boots /boot/vmlinuz-* (by default Debian 12's 6.1: ESP, GCM, kprobes; --kernel picks "
+                    "another) under QEMU with the "
                     "host's / shared read-only and writes kept in RAM, runs COMMAND, prints its output and "
                     "exits with its exit code. Example: ipsec-capture lab vm --rw /tmp/out -- "
                     "ipsec-capture lab up --scenario gcm")
@@ -88,6 +89,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rw", action="append", default=[], metavar="DIR",
                    help="share host DIR read-write at the same path (repeatable); "
                         "results leave the VM only this way")
+    p.add_argument("--kernel", metavar="VERSION|PATH",
+                   help="kernel to boot: a version line such as 6.12 or 6.1 (the newest installed of it) or "
+                        "a vmlinuz path (default: $IPSEC_CAPTURE_LAB_KERNEL, else Debian 12's 6.1)")
     p.add_argument("--timeout", type=float, default=1800, help="command timeout in seconds (default 1800)")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
     p.set_defaults(func=cmd_vm)
@@ -249,7 +253,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
         out.write(chunk)
         out.flush()
 
-    with LabVM(memory=args.memory, cpus=args.cpus, rw=args.rw) as vm:
+    with LabVM(memory=args.memory, cpus=args.cpus, rw=args.rw, kernel=args.kernel) as vm:
         result = vm.run(argv, timeout=args.timeout, cwd=os.getcwd(), on_output=stream)
     if result.timed_out:
         print(f"ipsec-capture: lab vm: command timed out after {args.timeout:.0f} s", file=sys.stderr)

@@ -1,8 +1,9 @@
 """The kernel lab VM: Debian's distro kernel under QEMU, booted once, running many commands.
 
 Hosts and CI runners whose kernel lacks ESP (or kprobes) still need to prove the product against
-a real IPsec stack. QEMU boots the newest installed /boot/vmlinuz-* (Debian 12: 6.1, with ESP,
-GCM, KPROBES, BTF) over the host's own root, shared read-only by virtio-9p, so the guest sees
+a real IPsec stack. QEMU boots an installed /boot/vmlinuz-* (by default Debian 12's 6.1, with ESP,
+GCM, KPROBES, BTF; `kernel=` or $IPSEC_CAPTURE_LAB_KERNEL picks another, e.g. backports' 6.12)
+over the host's own root, shared read-only by virtio-9p, so the guest sees
 the same Python, venv, iproute2, nft, tshark and kernel modules as the host. Writes in the guest
 land in tmpfs overlays, except in `rw` directories, which are the host's own.
 
@@ -31,6 +32,7 @@ import shlex
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -116,20 +118,50 @@ class CommandFailed(VMError):
         super().__init__(f"in the lab VM, `{cmd}` exited {result.rc}: {' | '.join(tail)}")
 
 
-def find_kernel() -> Path:
-    """Newest /boot/vmlinuz-* whose modules include esp4 (Debian's linux-image-amd64)."""
-    env = os.environ.get("IPSEC_CAPTURE_LAB_KERNEL")
-    if env:
-        return Path(env)
+# Debian 12's own kernel line: what `lab vm` boots unless asked for another (other kernels, e.g.
+# bookworm-backports' 6.12, are picked by version or path: IPSEC_CAPTURE_LAB_KERNEL or --kernel).
+DEFAULT_KERNEL = "6.1"
+KERNEL_ENV = "IPSEC_CAPTURE_LAB_KERNEL"
 
-    def version_key(p: str) -> list[int]:
-        return [int(x) for x in re.findall(r"\d+", p)]
 
-    for path in sorted(glob.glob("/boot/vmlinuz-*"), key=version_key, reverse=True):
+def _version_key(path: str) -> list[int]:
+    return [int(x) for x in re.findall(r"\d+", path)]
+
+
+def lab_kernels() -> list[Path]:
+    """Installed /boot/vmlinuz-* with ESP modules (a lab can run on them), newest first."""
+    found = []
+    for path in sorted(glob.glob("/boot/vmlinuz-*"), key=_version_key, reverse=True):
         kver = path.removeprefix("/boot/vmlinuz-")
         if glob.glob(f"/lib/modules/{kver}/kernel/net/ipv4/esp4.ko*") and os.access(path, os.R_OK):
-            return Path(path)
-    raise VMError("no lab kernel: install Debian's linux-image-amd64 (./dev.sh setup)")
+            found.append(Path(path))
+    return found
+
+
+def find_kernel(choice: str | None = None) -> Path:
+    """The lab kernel: `choice` (or $IPSEC_CAPTURE_LAB_KERNEL) as a path to a vmlinuz, or as a
+    version such as `6.12` or `6.1.0-57-amd64` (the newest installed kernel of that line); by
+    default Debian 12's 6.1 (DEFAULT_KERNEL), so installing a backports kernel changes nothing
+    for anyone who did not ask for it."""
+    choice = choice or os.environ.get(KERNEL_ENV) or None
+    if choice and ("/" in choice or os.path.exists(choice)):
+        if not os.access(choice, os.R_OK):
+            raise VMError(f"lab kernel {choice} does not exist or is not readable")
+        return Path(choice)
+    kernels = lab_kernels()
+    if not kernels:
+        raise VMError("no lab kernel: install Debian's linux-image-amd64 (./dev.sh setup)")
+    line = choice or DEFAULT_KERNEL
+    # `6.1` is the 6.1 line (6.1.0-57-amd64), never 6.12: the version must end or go on with . - +
+    series = re.compile(re.escape(line) + r"($|[.+-])")
+    for path in kernels:
+        if series.match(path.name.removeprefix("vmlinuz-")):
+            return path
+    if choice:
+        have = ", ".join(p.name.removeprefix("vmlinuz-") for p in kernels)
+        raise VMError(f"no lab kernel {choice!r} installed (have: {have}); ./dev.sh setup installs "
+                      "6.1 and bookworm-backports' 6.12")
+    return kernels[0]  # not a Debian 12 machine: its newest kernel with ESP
 
 
 def kvm_usable() -> bool:
@@ -196,20 +228,50 @@ def build_initramfs(kver: str, cache: Path) -> Path:
     return target
 
 
+def bzimage_payload(blob: bytes) -> bytes:
+    """The compressed kernel inside a bzImage, cut out by its boot header (payload_offset and
+    payload_length at 0x248, after the setup sectors), or the whole blob if it has no such header."""
+    if len(blob) < 0x250 or blob[0x202:0x206] != b"HdrS":
+        return blob
+    setup = (blob[0x1F1] or 4) + 1
+    offset, length = struct.unpack_from("<II", blob, 0x248)
+    start = setup * 512 + offset
+    return blob[start:start + length] if length and start + length <= len(blob) else blob
+
+
+def _unzstd(payload: bytes) -> bytes:
+    """zstd (6.12's compression): the kernel appends the uncompressed size (4 bytes, LE) to the
+    frame, which the `zstd` tool would call trailing garbage, so it is cut off and checked."""
+    if shutil.which("zstd") is None:
+        raise OSError("the zstd tool is missing: apt-get install zstd (./dev.sh setup)")
+    size = struct.unpack("<I", payload[-4:])[0]
+    proc = subprocess.run(["zstd", "-d", "-c", "-q"], input=payload[:-4], capture_output=True)
+    if proc.returncode != 0 or len(proc.stdout) != size:
+        raise OSError(f"zstd: {proc.stderr.decode(errors='replace').strip() or 'wrong size'}")
+    return proc.stdout
+
+
+_UNPACK: tuple[tuple[bytes, Callable[[bytes], bytes]], ...] = (
+    (b"\xfd7zXZ\x00", lambda b: lzma.LZMADecompressor().decompress(b)),  # 6.1
+    (b"\x28\xb5\x2f\xfd", _unzstd),  # 6.12
+    (b"\x1f\x8b\x08\x00", lambda b: gzip.GzipFile(fileobj=io.BytesIO(b)).read()),
+)
+
+
 def extract_vmlinux(kernel: Path, cache: Path) -> Path | None:
-    """The uncompressed ELF inside a bzImage, for QEMU's PVH entry (skips firmware + unpacking)."""
+    """The uncompressed ELF inside a bzImage, for QEMU's PVH entry (skips firmware + unpacking):
+    xz (Debian's 6.1), zstd (6.12) or gzip."""
     target = cache / "vmlinux"
     if target.exists() and target.stat().st_mtime >= kernel.stat().st_mtime:
         return target
-    blob = kernel.read_bytes()
-    for magic, unpack in ((b"\xfd7zXZ\x00", lambda b: lzma.LZMADecompressor().decompress(b)),
-                          (b"\x1f\x8b\x08\x00", lambda b: gzip.GzipFile(fileobj=io.BytesIO(b)).read())):
+    blob = bzimage_payload(kernel.read_bytes())
+    for magic, unpack in _UNPACK:
         at = blob.find(magic)
         if at < 0:
             continue
         try:
             elf = unpack(blob[at:])
-        except (lzma.LZMAError, OSError, EOFError):
+        except (lzma.LZMAError, OSError, EOFError, struct.error):
             continue
         if elf[:4] == b"\x7fELF":
             tmp = target.with_suffix(f".tmp{os.getpid()}")
@@ -217,6 +279,16 @@ def extract_vmlinux(kernel: Path, cache: Path) -> Path | None:
             tmp.rename(target)
             return target
     return None  # unknown compression: boot the bzImage instead (a few seconds slower)
+
+
+def kernel_elf(choice: str = DEFAULT_KERNEL) -> Path:
+    """The uncompressed vmlinux of a lab kernel (cached): its .BTF section is what bpf/build.py
+    makes vmlinux.h from (dev.sh: Debian 12's 6.1, whatever else is installed)."""
+    kernel = find_kernel(choice)
+    elf = extract_vmlinux(kernel, cache_dir(kernel.name.removeprefix("vmlinuz-")))
+    if elf is None:
+        raise VMError(f"cannot unpack {kernel} (not xz, zstd or gzip)")
+    return elf
 
 
 def venv_bin() -> str | None:
@@ -244,7 +316,8 @@ class LabVM:
         self.memory = memory
         self.cpus = cpus
         self.rw = [os.path.realpath(p) for p in rw]
-        self.kernel = Path(kernel) if kernel else None
+        self.kernel_choice = os.fspath(kernel) if kernel else None  # a path or a version (find_kernel)
+        self.kernel: Path | None = None  # the vmlinuz booted, once started
         self.boot_timeout = boot_timeout
         self.accel = accel
         self.boot_seconds = 0.0
@@ -269,7 +342,7 @@ class LabVM:
         if shutil.which("qemu-system-x86_64") is None:
             raise VMError("qemu-system-x86_64 is missing: run ./dev.sh setup "
                           "(apt-get install qemu-system-x86)")
-        kernel = self.kernel or find_kernel()
+        kernel = self.kernel = find_kernel(self.kernel_choice)
         kver = kernel.name.removeprefix("vmlinuz-")
         if not os.path.isdir(f"/lib/modules/{kver}"):
             raise VMError(f"/lib/modules/{kver} is missing: reinstall linux-image-{kver}")

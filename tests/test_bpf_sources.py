@@ -31,15 +31,25 @@ def test_off_turns_everything_off():
 
 @requires_root
 @pytest.mark.skipif(HAS_KPROBES, reason="this kernel has kprobes: the no-kprobes plan does not apply")
-def test_host_plan_without_kprobes():
-    plan = {s.name: s for s in plan_sources("auto")}
-    assert set(plan) == {"kprobe", "tracepoint", "xfrm_stat", "xfrm_monitor"}
-    assert not plan["kprobe"].active and "kprobes" in plan["kprobe"].why
-    assert plan["tracepoint"].active and "kfree_skb" in plan["tracepoint"].why
-    assert plan["xfrm_stat"].active
-    assert kprobe_status().why == plan["kprobe"].why
-    line = describe(list(plan.values()))
+def test_host_without_kprobes_gets_the_core_tracepoint_program():
+    """This host: BTF, but no kprobes and tracing programs refused. The plan is a guess (CO-RE
+    may attach); attaching tries CO-RE then bcc for the per-packet slot, and ends with the CO-RE
+    tracepoint program for drops, saying why the rest did not attach."""
+    assert plan_sources("auto")[0].via == "core"  # the guess: CO-RE first
+    ke = KernelEvents(None, mode="auto")
+    try:
+        got = {s.name: s for s in ke.attach()}
+    finally:
+        ke.stop()
+    assert set(got) == {"kprobe", "tracepoint", "xfrm_stat", "xfrm_monitor"}
+    kp, tp = got["kprobe"], got["tracepoint"]
+    assert not kp.active and "CO-RE: fentry:" in kp.why and "bcc: this kernel has no kprobes" in kp.why
+    assert kprobe_status().why in kp.why
+    assert tp.active and tp.via == "core" and "raw_tracepoint:kfree_skb" in tp.why
+    assert got["xfrm_stat"].active
+    line = describe(list(got.values()))
     assert "kprobe off" in line and "tracepoint on" in line
+    assert tp.to_dict()["via"] == "core" and "via" not in kp.to_dict()
 
 
 @requires_root

@@ -1,6 +1,6 @@
 """The kernel half of the lab tests: real IPsec captured by the product, run once inside the VM.
 
-    python tests/lab/capture_run.py OUT_DIR [--scenarios gcm,natt] [--kprobe]
+    python tests/lab/capture_run.py OUT_DIR [--scenarios gcm,natt] [--kprobe] [--bcc]
 
 Everything that needs a kernel with ESP happens here, through the product's own commands, and
 leaves files in OUT_DIR (a read-write share); tests/lab/test_lab_e2e.py then checks them on the
@@ -12,7 +12,10 @@ Under TCG every command costs seconds, so one `lab up` per scenario serves all o
   3. the scenario's fault (`lab fault NAME`), captured by `start` on the side whose counter moves
      and, at the same time, on the other side (two bundles of one tunnel);
   4. `lab down`, and what is left afterwards.
-With --kprobe, one more lab (gcm, delete-sa) is captured with `--kernel-events kprobe`.
+Every `start` runs with the default `--kernel-events auto`: the shipped CO-RE probes where the
+kernel has BTF. With --kprobe, one more lab (gcm, delete-sa) is captured with `--kernel-events
+kprobe` (insisting on per-packet probes); with --bcc, the same with `--kernel-events bcc` (the
+fallback, compiled in the guest: 6.1 only, bcc 0.26 cannot compile against 6.12's headers).
 Writes OUT_DIR/<case>.json per case and prints a line per step; exits non-zero if a step failed.
 """
 
@@ -90,7 +93,7 @@ def leftovers() -> dict[str, list[str]]:
 class Capture:
     """`ipsec-capture start` in the background, from `ready` to SIGINT."""
 
-    def __init__(self, pcapng: Path, netns: str, backend: str = "auto", kernel_events: str = "tracepoint",
+    def __init__(self, pcapng: Path, netns: str, backend: str = "auto", kernel_events: str = "auto",
                  ready_timeout: float = 400) -> None:
         self.argv = ["start", "--group", str(GROUP), "-w", str(pcapng), "--netns", netns, "--backend",
                      backend, "--kernel-events", kernel_events, "--quiet", "--json"]
@@ -159,10 +162,10 @@ def run_scenario(name: str, out: Path) -> dict:
     return case
 
 
-def run_kprobe(out: Path) -> dict:
-    """gcm with the receiver's SA deleted mid-traffic, kernel events from kprobes."""
+def run_kprobe(out: Path, kernel_events: str = "kprobe") -> dict:
+    """gcm with the receiver's SA deleted mid-traffic, kernel events from per-packet probes."""
     prefix = "kp"
-    case: dict = {"scenario": "gcm", "fault": "delete-sa"}
+    case: dict = {"scenario": "gcm", "fault": "delete-sa", "kernel_events": kernel_events}
     cli("lab", "down", "--prefix", prefix)
     case["up"] = cli("lab", "up", "--scenario", "gcm", "--prefix", prefix)
     if case["up"]["rc"]:
@@ -170,9 +173,9 @@ def run_kprobe(out: Path) -> dict:
     state = json.loads(cli("lab", "status", "--json", "--prefix", prefix)["stdout"])
     case["state"] = state
     try:
-        pcapng = out / "kprobe-delete-sa.pcapng"
-        cap = Capture(pcapng, state["right"], kernel_events="kprobe", ready_timeout=600)
-        say(f"kprobe: ready in {cap.ready_s} s (bcc compile included)")
+        pcapng = out / f"{kernel_events}-delete-sa.pcapng"
+        cap = Capture(pcapng, state["right"], kernel_events=kernel_events, ready_timeout=600)
+        say(f"{kernel_events}: ready in {cap.ready_s} s (a bcc compile included)")
         case["traffic"] = cli("lab", "traffic", "--count", str(COUNT), "--prefix", prefix)
         case["result"] = cli("lab", "fault", "delete-sa", "--json", "--prefix", prefix)
         case.update(file=pcapng.name, **cap.stop())
@@ -186,6 +189,7 @@ def main() -> int:
     ap.add_argument("out")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--kprobe", action="store_true")
+    ap.add_argument("--bcc", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -193,6 +197,8 @@ def main() -> int:
     jobs = [(n, lambda n=n: run_scenario(n, out)) for n in args.scenarios.split(",") if n]
     if args.kprobe:
         jobs.append(("kprobe", lambda: run_kprobe(out)))
+    if args.bcc:
+        jobs.append(("bcc", lambda: run_kprobe(out, "bcc")))
     for name, job in jobs:
         t0 = time.monotonic()
         try:
