@@ -13,6 +13,7 @@ import struct
 from typing import Any
 
 from ipsec_capture.models import EncodedEvent, Event, json_line
+from ipsec_capture.wire import IPPROTO_ESP, XFRM_MODES
 
 from .kallsyms import Kallsyms
 
@@ -28,8 +29,7 @@ KINDS = {1: "xfrm_input", 2: "xfrm_output", 3: "notfound", 4: "icvfail", 5: "rep
 F_RESUMED = 1
 F_ESN = 2
 AF_INET, AF_INET6 = socket.AF_INET, socket.AF_INET6
-IPPROTO_ESP = 50  # <netinet/in.h>
-MODES = {0: "transport", 1: "tunnel", 2: "ro", 3: "in_trigger", 4: "beet"}  # <linux/xfrm.h> XFRM_MODE_*
+MODES = XFRM_MODES
 
 _addrs: dict[tuple[int, bytes], str | None] = {}
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-NAT_T_PORT = 4500  # RFC 3948
+from ipsec_capture.wire import NATT_PORT
+
 NAT_T_MIN_UDP_LEN = 16  # UDP header + 8 bytes: the SPI word and one more, as filters.esp_spi needs
 
 
@@ -48,8 +49,8 @@ class Only:
         if self.spi is not None:
             spi = f"0x{self.spi:08x}"
             natt = f"udp length >= {NAT_T_MIN_UDP_LEN} @th,64,32 {spi}"
-            spis = [f"meta l4proto esp esp spi {spi}", f"udp dport {NAT_T_PORT} {natt}",
-                    f"udp sport {NAT_T_PORT} {natt}"]
+            spis = [f"meta l4proto esp esp spi {spi}", f"udp dport {NATT_PORT} {natt}",
+                    f"udp sport {NATT_PORT} {natt}"]
         return [" ".join(m for m in (h, s) if m) for h in hosts for s in spis]
 
     def iptables_jumps(self, family: int) -> list[str] | None:
@@ -72,7 +73,7 @@ class Only:
             udp = 0 if family == 4 else 40
             u32 = (f"{at}{udp + 4}>>16={NAT_T_MIN_UDP_LEN}:0xffff&&{at}{udp + 8}={spi}")
             spis = [f"-p esp -m esp --espspi {spi}",
-                    f'-p udp -m multiport --ports {NAT_T_PORT} -m u32 --u32 "{u32}"']
+                    f'-p udp -m multiport --ports {NATT_PORT} -m u32 --u32 "{u32}"']
         return [" ".join(m for m in (h, s) if m) for h in hosts for s in spis]
 
 

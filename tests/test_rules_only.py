@@ -166,7 +166,7 @@ def test_filtered_traffic_never_reaches_the_socket(netns_pair: NetnsPair, backen
                                                    host: str | None, spi: int | None) -> None:
     require_tool("nft" if backend == "nft" else f"{backend}-restore")
     only = Only(None if host is None else ipaddress.ip_address(host), spi)
-    keep = build_filter(host, None if spi is None else hex(spi))
+    keep = build_filter(host, spi)
     assert keep is not None
     plain = build(41, POINTS, backend, netns_pair.a)
     picky = build(42, POINTS, backend, netns_pair.a, only=only)
