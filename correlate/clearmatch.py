@@ -13,6 +13,8 @@ import struct
 from collections import deque
 from typing import Any
 
+from ipsec_capture.decrypt.decoder import DECRYPTED
+
 from .packet import CLEAR, ESP, Packet
 
 _U16 = struct.Struct("!H")
@@ -116,7 +118,7 @@ class ClearMatcher:
             for p in reversed(self.pending):
                 if c.time_ns - p.time_ns > self.clear_window_ns:
                     break
-                if p.kind == ESP and p.direction == "in" and p.decrypt != "ok" and \
+                if p.kind == ESP and p.direction == "in" and p.decrypt not in DECRYPTED and \
                         all(pt != c.point for pt, _ in p.clear):
                     self.absorb(p, c)
                     return
@@ -152,7 +154,7 @@ class ClearMatcher:
             if p.time_ns - c.time_ns > self.clear_window_ns:
                 break
             if c.kind == CLEAR and c.direction == "out" and not c.absorbed and \
-                    (self.decoder is None or p.decrypt != "ok"):
+                    (self.decoder is None or p.decrypt not in DECRYPTED):
                 self.absorb(p, c)
                 for other in reversed(self.pending):  # its other outbound points, same packet
                     if other.kind == CLEAR and not other.absorbed and other.key == c.key and other.key:
