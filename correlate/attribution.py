@@ -192,26 +192,31 @@ class CounterAttribution:
 
     def _candidates(self, inc: Incident, low: int, high: int) -> Iterator[Packet]:
         """Unexplained packets of the incident's direction (and netns) in its poll window, oldest
-        first, but none whose own probe says the kernel took it. The window is the newest
-        pending packets back to the first one older than it."""
-        pending = self.pending
-        n = 0
-        for p in reversed(pending):
-            if p.time_ns < low:
-                break
-            n += 1
+        first, but none whose own probe says the kernel took it. Pending packets are in time
+        order (the join merges by time) and a delta is attributed when its window's first packets
+        are about to leave: the window is read from the oldest end, up to its last packet."""
         direction, netns = inc.direction, inc.netns
         kind = ESP if direction == "in" else CLEAR if direction == "out" else None
-        for p in islice(pending, len(pending) - n, None):
-            if p.time_ns > high or p.direction != direction or p.clear or p.absorbed or p.cause:
+        for p in self.pending:
+            t = p.time_ns
+            if t < low:
+                continue
+            if t > high:
+                break
+            if p.direction != direction or p.clear or p.absorbed or p.cause:
                 continue
             if netns is not None and p.netns is not None and p.netns != netns:
                 continue
             if kind is not None and p.kind != kind:
                 continue
             events = p.events
-            if events and (_lone_probe_accepted(events) or accepted_by_probe(p)):
-                continue
+            if events:
+                if len(events) == 1:  # accepted_by_probe's common case, inline: one probe, ret 0
+                    ev = events[0]
+                    if ev.ret == 0 and ev.kind == "xfrm_input" and ev.source == "kprobe":
+                        continue
+                if accepted_by_probe(p):
+                    continue
             yield p
 
     def _fit(self, p: Packet, cause: str, low: int, high: int) -> int:
@@ -230,14 +235,6 @@ class CounterAttribution:
         if cause == "icv-fail" and p.decrypt == "icv-fail":
             return 1
         return 0
-
-
-def _lone_probe_accepted(events: list[Event]) -> bool:
-    """The common case of accepted_by_probe, cheaply: one xfrm_input probe that returned 0."""
-    if len(events) != 1:
-        return False
-    ev = events[0]
-    return ev.kind == "xfrm_input" and ev.ret == 0 and ev.source == "kprobe"
 
 
 def _same_netns(a: int | None, b: int | None) -> bool:

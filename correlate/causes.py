@@ -133,6 +133,12 @@ def drop_reason_named(reason: str | None) -> bool:
     return bool(reason) and reason in DROP_REASON_CAUSES
 
 
+# Where the kernel frees packets it received (the inbound xfrm path): such a drop of the skb of a
+# packet this host sent is another namespace's (a veth hands the same skb to its peer).
+INBOUND_DROP_FUNCS = ("xfrm_input", "xfrm4_rcv", "xfrm6_rcv", "xfrm_rcv", "__xfrm_policy_check",
+                      "esp_input", "esp6_input", "xfrm4_udp_encap_rcv", "xfrm6_udp_encap_rcv")
+
+
 def cause_for_drop(reason: str | None, location: str) -> str:
     """A kfree_skb drop's cause: its reason if it names one, else where it was freed."""
     if drop_reason_named(reason):

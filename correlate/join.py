@@ -28,7 +28,7 @@ from ipsec_capture.models import Event, Record
 from ipsec_capture.wire import IPPROTO_ESP, SECOND
 
 from .attribution import CounterAttribution, Incident
-from .causes import ANCHOR_CAUSES, cause_for_drop, drop_reason_named
+from .causes import ANCHOR_CAUSES, INBOUND_DROP_FUNCS, cause_for_drop, drop_reason_named
 from .clearmatch import ClearMatcher
 from .diagnosis import Context, finish
 from .packet import CLEAR, ESP, IKE_POINTS, POINT_ROLES, Packet, direction_of, waiting_packet
@@ -412,6 +412,12 @@ class Joiner:
 
     def _drop(self, ev: Event) -> None:
         target = self._skbs.named_by(ev)
+        if isinstance(target, Packet) and target.direction == "out" and \
+                str(ev.detail.get("location", "")).startswith(INBOUND_DROP_FUNCS):
+            # a packet this namespace sent, freed on the receive path: the peer namespace's drop of
+            # the skb the veth handed it (a drop with no netns of its own says so only this way)
+            self.stats.events_other_netns += 1
+            return
         if target is not None:
             if isinstance(target, Packet):
                 target.events.append(ev)

@@ -61,13 +61,15 @@ for i in range(int(sys.argv[4])):
                              os.path.join(work, f"c{i}.pcapng"), "--kernel-events", "tracepoint",
                              "--no-keys", "--quiet"], stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    line = proc.stderr.readline()
+    said = line = proc.stderr.readline()
     while line and not line.startswith("ready"):
         line = proc.stderr.readline()
+        said += line
+    if not line:
+        proc.wait()
+        raise SystemExit(f"start did not get ready (exit {proc.returncode}): {said}")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    if not line:
-        raise SystemExit(f"start did not get ready: {proc.stderr.read()}")
     pids.append(proc.pid)
 before = leftovers(pids)
 r = subprocess.run([*CLI, "rules", "cleanup", "--netns", ns], capture_output=True, text=True)

@@ -111,3 +111,20 @@ def test_evidence_from_another_netns_never_decides_a_verdict():
     # the same log without the header's namespace (a bundle of another tool) still mixes them
     mixed = analyse(_inputs(own, KPROBE))
     assert mixed.summary.packets[0].verdict == "failed"
+
+
+def test_a_drop_on_the_receive_path_of_a_packet_this_host_sent_is_the_peers():
+    """A veth hands the same skb to its peer namespace: the peer's xfrm_input drop of it (a drop
+    without a netns of its own) must not fail the outbound packet that had that skb here."""
+    from ipsec_capture.correlate.analysis import analyse
+    from tests.support.synthetic import Host, esp4, udp4
+
+    h = Host()
+    h.esp_out(T0 + MS, esp4(B, A, SPI, 1, udp4(IB, IA, 1, b"x"), ident=1))
+    h.event(T0 + MS - 500, "kprobe", "xfrm_output", spi=SPI, seq=1, ret=0, detail={"skb": "0xcd"})
+    h.event(T0 + MS + 2000, "kfree_skb", "drop", detail={"location": "xfrm_input+0x2de", "skbaddr": "0xcd"})
+    an = analyse(_inputs(h, {**KPROBE, "netns": {"name": "ls-b", "inode": 11}}))
+    (p,) = an.summary.packets
+    assert p.verdict == "ok" and not any(e.source == "kfree_skb" for e in p.events), p.evidence
+    d = an.to_dict()
+    assert d["drops"] == [] and d["totals"]["events_other_netns"] == 1
