@@ -208,6 +208,9 @@ def test_flight_recorder_writes_a_bundle_around_an_incident(netns_pair: NetnsPai
         while not Path(first["bundle"]).with_suffix(".esp_sa").exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         metrics = w.metrics()
+        while "ipsec_capture_recorder_bundles_total 1.0" not in metrics and time.monotonic() < deadline + 10:
+            time.sleep(0.2)  # the counter is published on the loop's next tick after the write
+            metrics = w.metrics()
         assert "ipsec_capture_recorder_bundles_total 1.0" in metrics, metrics
         assert "ipsec_capture_recorder_skipped_total 1.0" in metrics
         w.proc.send_signal(signal.SIGTERM)

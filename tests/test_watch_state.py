@@ -180,3 +180,18 @@ def test_ring_is_bounded_by_bytes_and_returns_a_window_in_time_order():
     assert ring.size <= 10 * size and ring.packets == 10 and ring.evicted == 190
     got = ring.between(950, 991)
     assert [r.time_ns for r in got] == [950, 951, 960, 961, 970, 971, 980, 981, 990, 991]
+
+
+def test_same_dst_and_spi_from_two_peers_are_two_sas():
+    """Cilium: every peer's inbound SA on a node has the node's address and the same SPI."""
+    st, _ = make_state()
+    st.sync_sas("node", [sa(3, "192.0.2.2", "192.0.2.1", packets=4), sa(3, "192.0.2.3", "192.0.2.1", 9)])
+    got = sorted((s.src, s.packets) for s in st.sas.values())
+    assert got == [("192.0.2.2", 4), ("192.0.2.3", 9)]
+    st.on_event(Event(time_ns=1, source="xfrm_monitor", kind="sa-delete", spi=3,
+                      detail={"sa": sa(3, "192.0.2.3", "192.0.2.1").to_dict()}), "node")
+    assert st.has_sa("node", "192.0.2.1", 3)  # the other peer's SA still takes (dst, SPI)
+    st.add_candidate("node", "192.0.2.1", 3, "192.0.2.3", 2, "esp-tap")
+    inc = st.on_event(Event(time_ns=2, source="xfrm_stat", kind="counter", reason="XfrmInNoStates",
+                            detail={"delta": 2, "value": 2}), "node")
+    assert [(i.sa.src, i.count) for i in inc] == [("192.0.2.3", 2)]

@@ -100,7 +100,7 @@ class FlightRecorder:
         self._ring_limit = per_ns
         self.points: dict[str, list[str]] = {}
         self.events: dict[str, deque[Event]] = {}
-        self.sas: dict[str, dict[tuple[str, int, int], tuple[float, Any]]] = {}
+        self.sas: dict[str, dict[tuple[Any, ...], tuple[float, Any]]] = {}
         self.sources: dict[str, list[dict[str, Any]]] = {}
         self.inodes: dict[str, int | None] = {}
         self.clock = clock
@@ -135,7 +135,7 @@ class FlightRecorder:
         now = time.monotonic()
         known = self.sas.setdefault(netns, {})
         for sa in sas:
-            known[sa.key_id] = (now, sa)
+            known[(sa.src, *sa.key_id)] = (now, sa)  # same dst+SPI per peer (Cilium): src too
         for key, (seen, _sa) in list(known.items()):
             if now - seen > self.opts.forget:
                 del known[key]

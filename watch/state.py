@@ -85,7 +85,9 @@ class SaEntry:
         return self.src if self.direction == "in" else self.dst
 
 
-SaKey = tuple[str, str, int, int]  # (netns, dst, spi, proto): what identifies an SA in the kernel
+# (netns, src, dst, spi, proto): the kernel finds an inbound SA by (dst, spi, proto) and its mark;
+# Cilium gives every peer's inbound SA the same dst and SPI, told apart by mark, so src is in the key
+SaKey = tuple[str, str, str, int, int]
 
 
 @dataclass(slots=True)
@@ -176,7 +178,7 @@ class WatchState:
 
     # -- SAs -------------------------------------------------------------------------------------
     def _entry(self, netns: str, sa: SA) -> SaEntry:
-        key = (netns, sa.dst, sa.spi, sa.proto)
+        key = (netns, sa.src, sa.dst, sa.spi, sa.proto)
         e = self.sas.get(key)
         if e is None or not e.installed:
             direction = sa.direction or ("in" if self.is_local(netns, sa.dst) else "out")
@@ -197,7 +199,7 @@ class WatchState:
             for sa in sas:
                 e = self._entry(netns, sa)
                 e.gone_at = None
-                seen.add((netns, sa.dst, sa.spi, sa.proto))
+                seen.add((netns, sa.src, sa.dst, sa.spi, sa.proto))
                 e.packets = sa.lifetime_cur.get("packets", 0)
                 e.bytes = sa.lifetime_cur.get("bytes", 0)
                 for stat, cause in SA_STAT_CAUSES.items():
@@ -210,7 +212,7 @@ class WatchState:
                                          [f"the kernel's per-SA counter {stat} +{delta} (now {value})"])
                         if inc is not None:
                             out.append(inc)
-            self.live[netns] = {(k[1], k[2]) for k in seen}
+            self.live[netns] = {(k[2], k[3]) for k in seen}
             for key, e in list(self.sas.items()):
                 if key[0] != netns or key in seen:
                     continue
@@ -268,12 +270,14 @@ class WatchState:
             self._entry(netns, sa)
             self._count_life(netns, src, dst, "rekey" if rekey else "new")
         elif ev.kind == "sa-delete":
-            key = (netns, dst, sa.spi, sa.proto)
+            key = (netns, src, dst, sa.spi, sa.proto)
             e = self.sas.get(key)
             if e is not None and e.installed:
                 e.installed = False
                 e.gone_at = e.deleted_at = self.clock()
-            self.live.get(netns, set()).discard((dst, sa.spi))
+            if not any(k[0] == netns and k[2] == dst and k[3] == sa.spi and v.installed
+                       for k, v in self.sas.items()):
+                self.live.get(netns, set()).discard((dst, sa.spi))
             self._count_life(netns, src, dst, "delete")
         elif ev.kind == "expire":
             self._count_life(netns, src, dst, "expire-hard" if ev.detail.get("hard") else "expire-soft")
@@ -350,11 +354,14 @@ class WatchState:
         """The SA a no-state packet was meant for: the gone SA that had this (dst, SPI), else an
         entry made from the packet alone (algorithm unknown)."""
         for proto in (50, 51):
-            e = self.sas.get((netns, c.dst, c.spi, proto))
+            e = self.sas.get((netns, c.src, c.dst, c.spi, proto))
             if e is not None:
                 return e
+        for k, e in self.sas.items():  # a wildcard source (Cilium's legacy `src 0.0.0.0` states)
+            if k[0] == netns and k[2] == c.dst and k[3] == c.spi:
+                return e
         e = SaEntry(netns, c.spi, c.src, c.dst, 50, "in", "unknown", installed=False, gone_at=self.clock())
-        self.sas[(netns, c.dst, c.spi, 50)] = e
+        self.sas[(netns, c.src, c.dst, c.spi, 50)] = e
         return e
 
     def _drop_evidence(self, cause: str) -> list[str]:
@@ -373,7 +380,7 @@ class WatchState:
     def _drop(self, netns: str, cause: str, e: SaEntry | None, n: int, now_ns: int,
               evidence: list[str]) -> Incident | None:
         """Record drops of `cause`; an Incident if this starts one (none active within quiet_after)."""
-        key = (netns, cause, (e.netns, e.dst, e.spi, e.proto) if e else None)
+        key = (netns, cause, (e.netns, e.src, e.dst, e.spi, e.proto) if e else None)
         t = self.clock()
         last = self._active.get(key)
         self._active[key] = t
