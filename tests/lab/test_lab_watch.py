@@ -94,3 +94,43 @@ def test_flight_recorder_bundle_holds_the_drops_and_report_names_the_cause(run: 
     (r,) = json.loads(rep.stdout)["reports"]
     drops = [d for d in r["drops"] if d["cause"] == "no-state" and d["spi"] == run["spi"]]
     assert drops and drops[0]["packets"] >= 3, r["drops"]
+
+
+FLEET_RUNNER = Path(__file__).with_name("fleet_run.py")
+
+
+@pytest.fixture(scope="module")
+def fleet(request: pytest.FixtureRequest) -> tuple[Path, dict]:
+    earlier = os.environ.get("IPSEC_CAPTURE_LAB_FLEET_RESULTS")
+    if earlier:
+        out = Path(earlier)
+    else:
+        vm: LabVM = request.getfixturevalue("lab_vm")
+        out = Path(vm.rw[0]) / "fleet"
+        r = vm.run([sys.executable, str(FLEET_RUNNER), str(out)], timeout=900,
+                   on_output=lambda kind, chunk: sys.stdout.write(chunk.decode(errors="replace")))
+        assert r.rc == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return out, json.loads((out / "fleet.json").read_text())
+
+
+def test_three_nodes_matrix_shows_the_fault_on_its_pair(fleet: tuple[Path, dict]) -> None:
+    out, res = fleet
+    for s in res["starts"]:
+        assert s["rc"] == 0 and s["summary"]["complete"], s
+    bundles = [str(out / f"n{i}.pcapng") for i in (1, 2, 3)]
+    rep = subprocess.run([*CLI, "report", "--format", "json", *bundles], capture_output=True, text=True,
+                         timeout=600)
+    assert rep.returncode == 0, rep.stderr
+    fl = json.loads(rep.stdout)["fleet"]
+    assert fl["nodes"] == ["n1.pcapng", "n2.pcapng", "n3.pcapng"]
+    cells = {(c["from"], c["to"]): c for c in fl["matrix"]}
+    ok12, ok23 = cells["n1.pcapng", "n2.pcapng"], cells["n2.pcapng", "n3.pcapng"]
+    c13 = cells["n1.pcapng", "n3.pcapng"]
+    assert (ok12["sent"], ok12["arrived"], ok12["ok"], ok12["lost"], ok12["failed"]) == (5, 5, 5, 0, {})
+    assert (ok23["sent"], ok23["arrived"], ok23["ok"], ok23["lost"], ok23["failed"]) == (5, 5, 5, 0, {})
+    n = res["after_fault"]
+    assert (c13["sent"], c13["arrived"], c13["ok"], c13["lost"]) == (3 + n, 3 + n, 3, 0)
+    assert c13["failed"] == {"no-state": n} and c13["spis"] == [f"0x{int(res['spi_faulted'], 16):08x}"]
+    assert set(cells) == {("n1.pcapng", "n2.pcapng"), ("n2.pcapng", "n3.pcapng"), ("n1.pcapng", "n3.pcapng")}
+    bad = [p for p in fl["paths"]["listed"] if p["verdict"] != "ok"]
+    assert len(bad) == n and all(p["cause"] == "no-state" and p["to"] == "n3.pcapng" for p in bad)
