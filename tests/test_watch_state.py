@@ -195,3 +195,32 @@ def test_same_dst_and_spi_from_two_peers_are_two_sas():
     inc = st.on_event(Event(time_ns=2, source="xfrm_stat", kind="counter", reason="XfrmInNoStates",
                             detail={"delta": 2, "value": 2}), "node")
     assert [(i.sa.src, i.count) for i in inc] == [("192.0.2.3", 2)]
+
+
+def test_recorder_writes_bundles_around_incidents_and_keeps_at_most_max_bundles(tmp_path):
+    import time as _time
+
+    from ipsec_capture.capture.pcapread import read_records
+    from ipsec_capture.models import Record
+    from ipsec_capture.watch.recorder import FlightRecorder
+    from ipsec_capture.watch.service import WatchOptions
+    from ipsec_capture.watch.state import Incident
+
+    st, _ = make_state()
+    opts = WatchOptions(netns=["gw"], dir=str(tmp_path), ring_mb=1, ring_before=1, ring_after=0,
+                        ring_max_bundles=2, ring_min_gap=0)
+    rec = FlightRecorder(opts, st, clock={"wall_minus_mono_ns": 0, "wall_minus_boot_ns": 0})
+    rec.points["gw"] = ["raw-pre-esp"]
+    now = _time.time_ns()
+    rec.add("gw", [Record(time_ns=now - 2_000_000_000, point="raw-pre-esp", payload=b"\x45" + bytes(39)),
+                   Record(time_ns=now - 500_000_000, point="raw-pre-esp", payload=b"\x45" + bytes(39))])
+    paths = []
+    for i in range(3):
+        inc = Incident(now + i, "no-state", "gw", None, 1, [f"n{i}"])
+        paths.append(rec.trigger(inc))  # the same second: names made unique
+    assert len(set(paths)) == 3
+    rec.tick()
+    left = sorted(p.name for p in tmp_path.glob("incident-*.pcapng"))
+    assert len(left) == 2 and rec.bundles == 3
+    newest = next(p for p in paths if p.endswith(left[-1]))
+    assert len(list(read_records(newest))) == 1  # only the packet within `before` of the incident

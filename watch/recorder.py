@@ -153,6 +153,11 @@ class FlightRecorder:
         spi = f"-{inc.sa.spi:08x}" if inc.sa else ""
         name = re.sub(r"[^A-Za-z0-9._-]", "_", f"incident-{stamp}-{inc.netns}-{inc.cause}{spi}")
         path = self.dir / f"{name}.pcapng"
+        taken = {p.path for p in self.pending}
+        n = 2
+        while path in taken or path.exists():  # the same cause on the same SA within a second
+            path = self.dir / f"{name}-{n}.pcapng"
+            n += 1
         self.pending.append(Pending(inc.netns, inc, inc.time_ns - self.before_ns, inc.time_ns + self.after_ns,
                                     path))
         return str(path)
