@@ -114,6 +114,9 @@ def test_candidates_without_a_counter_move_are_never_counted():
     clock.t += 6
     inc = st.on_event(Event(time_ns=2, source="xfrm_stat", kind="counter", reason="XfrmInNoStates",
                             detail={"delta": 1, "value": 1}), "gw")
+    assert inc == [] and st.settle() == []  # it waits a moment for packets still on their way
+    clock.t += st.no_state_grace
+    inc = st.settle()
     assert [(i.cause, i.sa) for i in inc] == [("no-state", None)]  # expired: blamed on the namespace
     smp = samples(st)
     assert find(smp, "ipsec_capture_unattributed_failed_packets_total", cause="no-state") == [1]
@@ -224,3 +227,15 @@ def test_recorder_writes_bundles_around_incidents_and_keeps_at_most_max_bundles(
     assert len(left) == 2 and rec.bundles == 3
     newest = next(p for p in paths if p.endswith(left[-1]))
     assert len(list(read_records(newest))) == 1  # only the packet within `before` of the incident
+
+
+def test_a_no_state_move_waits_for_its_packets_still_in_an_nflog_batch():
+    st, clock = make_state()
+    inc = st.on_event(Event(time_ns=2, source="xfrm_stat", kind="counter", reason="XfrmInNoStates",
+                            detail={"delta": 2, "value": 2}), "gw")
+    assert inc == []
+    clock.t += 0.3
+    st.add_candidate("gw", "192.0.2.1", 0x55, "192.0.2.2", 2, "esp-tap")
+    inc = st.settle()
+    assert [(i.cause, i.sa.spi, i.count) for i in inc] == [("no-state", 0x55, 2)]
+    assert st.settle() == [] and not st.unattributed

@@ -12,7 +12,8 @@ Where each failure count comes from (one place per cause, so nothing is counted 
   - no-state: the kernel cannot name an SA it has not got, so the SPI comes from the packet. A
     candidate is an inbound ESP packet whose (destination, SPI) has no SA here (seen by the ESP tap
     rule, or named by the kprobe source's xfrm_audit_state_notfound anchor); XfrmInNoStates moving
-    in that namespace confirms it, and only as many candidates as the counter moved are counted;
+    in that namespace confirms it, and only as many candidates as the counter moved are counted (a
+    move waits `no_state_grace` for packets still in an NFLOG batch, then counts per namespace);
   - everything else per namespace: the xfrm_stat counter, by the cause correlate/causes.py names.
 Labels stay bounded: one series per SA (plus cause), and an SA that is gone is dropped from the
 metrics `forget_after` seconds later.
@@ -37,6 +38,10 @@ SA_STAT_CAUSES = {"replay": "replay", "integrity_failed": "icv-fail"}
 KERNEL_PER_SA = frozenset(SA_STAT_CAUSES.values())
 NO_STATE_COUNTER = "XfrmInNoStates"
 LIFECYCLE = ("new", "rekey", "delete", "expire-soft", "expire-hard")
+
+
+def _pack(addr: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6 if ":" in addr else socket.AF_INET, addr)
 
 
 def algorithm_of(sa: SA) -> str:
@@ -163,6 +168,10 @@ class WatchState:
         self.clock = clock
         self.sas: dict[SaKey, SaEntry] = {}
         self.live: dict[str, set[tuple[str, int]]] = {}  # netns -> {(dst, spi)} of installed SAs
+        # the same with dst packed, for the ESP tap's per-packet test (no address string per packet)
+        self.live_packed: dict[str, set[tuple[bytes, int]]] = {}
+        self.no_state_grace = 1.0  # seconds an XfrmInNoStates move waits for its packets (NFLOG batches)
+        self._waiting: dict[str, list[Any]] = {}  # netns -> [left, value, since] of a no-state move
         self.xfrm_stat: dict[str, dict[str, int]] = {}  # netns -> counter -> value
         self.lifecycle: dict[tuple[str, str, str, str], int] = {}  # (netns, src, dst, event) -> n
         self.lost: dict[tuple[str, str], int] = {}  # (netns, what) -> n
@@ -187,6 +196,7 @@ class WatchState:
                         reqid=sa.reqid, failed=failed)
             self.sas[key] = e
             self.live.setdefault(netns, set()).add((sa.dst, sa.spi))
+            self.live_packed.setdefault(netns, set()).add((_pack(sa.dst), sa.spi))
         return e
 
     def sync_sas(self, netns: str, sas: list[SA], now_ns: int | None = None) -> list[Incident]:
@@ -213,6 +223,7 @@ class WatchState:
                         if inc is not None:
                             out.append(inc)
             self.live[netns] = {(k[2], k[3]) for k in seen}
+            self.live_packed[netns] = {(_pack(k[2]), k[3]) for k in seen}
             for key, e in list(self.sas.items()):
                 if key[0] != netns or key in seen:
                     continue
@@ -278,6 +289,7 @@ class WatchState:
             if not any(k[0] == netns and k[2] == dst and k[3] == sa.spi and v.installed
                        for k, v in self.sas.items()):
                 self.live.get(netns, set()).discard((dst, sa.spi))
+                self.live_packed.get(netns, set()).discard((_pack(dst), sa.spi))
             self._count_life(netns, src, dst, "delete")
         elif ev.kind == "expire":
             self._count_life(netns, src, dst, "expire-hard" if ev.detail.get("hard") else "expire-soft")
@@ -310,6 +322,35 @@ class WatchState:
         left = delta
         if name == NO_STATE_COUNTER:
             left, out = self._attribute_no_state(netns, delta, now_ns)
+            if left > 0:  # its packets may still be in an NFLOG batch: settle() looks again
+                w = self._waiting.setdefault(netns, [0, value, self.clock()])
+                w[0] += left
+                w[1] = value
+            return out
+        return out + self._blame_netns(netns, name, cause, left, value, now_ns)
+
+    def settle(self, now_ns: int | None = None) -> list[Incident]:
+        """No-state moves still waiting: pinned on candidates that came since, or after
+        `no_state_grace` seconds blamed on the namespace. The service calls it every turn."""
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        out: list[Incident] = []
+        with self.lock:
+            t = self.clock()
+            for netns, w in list(self._waiting.items()):
+                left, got = self._attribute_no_state(netns, w[0], now_ns)
+                out += got
+                w[0] = left
+                if left <= 0:
+                    del self._waiting[netns]
+                elif t - w[2] >= self.no_state_grace:
+                    del self._waiting[netns]
+                    cause, _d = cause_for_counter(NO_STATE_COUNTER)
+                    out += self._blame_netns(netns, NO_STATE_COUNTER, cause, left, w[1], now_ns)
+        return out
+
+    def _blame_netns(self, netns: str, name: str, cause: str, left: int, value: int,
+                     now_ns: int) -> list[Incident]:
+        out: list[Incident] = []
         if left > 0:
             k = (netns, cause)
             self.unattributed[k] = self.unattributed.get(k, 0) + left
@@ -419,3 +460,4 @@ class WatchState:
                     del self.sas[key]
             self._active.clear()
             self.candidates.clear()
+            self._waiting.clear()
