@@ -109,7 +109,9 @@ def daemonset_case(res: dict) -> None:
         lint = promtool_check(text)
         res["daemonset_promtool"] = {"rc": lint.returncode, "out": lint.stdout + lint.stderr}
         res["daemonset_instances_running"] = instances()
-    res["daemonset_rc"] = w.stop()
+    t_stop = time.monotonic()
+    res["daemonset_rc"] = w.stop(timeout=300)  # bcc detaches every probe first: slow under TCG
+    res["daemonset_stop_s"] = round(time.monotonic() - t_stop, 1)
     res["daemonset_stderr"] = "".join(w.err)[-3000:]
     res["daemonset_instances_after"] = instances()
     res["daemonset_rules_after"] = subprocess.run(["nft", "list", "ruleset"], capture_output=True,
