@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,16 @@ def test_sets_are_told_apart_by_stem_and_set_id_and_decrypt_reads_one(tmp_path: 
     proc = subprocess.run([*CLI, "decrypt", "-w", str(out), p0, other], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "one capture" in proc.stderr
+
+
+@requires_root
+def test_time_rotation_moves_on_even_when_idle(netns_pair: NetnsPair, tmp_path: Path):
+    out = tmp_path / "timed.pcapng"
+    proc = start(netns_pair.b, out, 24, "-G", "1", "--kernel-events", "off", "--no-keys")
+    time.sleep(3.6)
+    summary = stop(proc)
+    parts = summary["parts"]
+    assert 3 <= len(parts) <= 6, parts
+    for part in parts:
+        assert list(read_records(part)) == []  # a whole pcapng with no packets
+        assert not Path(part[: -len(".pcapng")] + ".events.jsonl").exists()

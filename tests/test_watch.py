@@ -208,6 +208,9 @@ def test_flight_recorder_writes_a_bundle_around_an_incident(netns_pair: NetnsPai
         while not Path(first["bundle"]).with_suffix(".esp_sa").exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         metrics = w.metrics()
+        while "ipsec_capture_recorder_bundles_total 1.0" not in metrics and time.monotonic() < deadline + 10:
+            time.sleep(0.2)  # the counter is published on the loop's next tick after the write
+            metrics = w.metrics()
         assert "ipsec_capture_recorder_bundles_total 1.0" in metrics, metrics
         assert "ipsec_capture_recorder_skipped_total 1.0" in metrics
         w.proc.send_signal(signal.SIGTERM)
@@ -226,3 +229,28 @@ def test_flight_recorder_writes_a_bundle_around_an_incident(netns_pair: NetnsPai
     assert rep.returncode == 0, rep.stderr
     assert "policy-block" in rep.stdout
     assert len(list(out.glob("incident-*.pcapng"))) == 1
+
+
+@requires_root
+def test_one_watch_for_two_namespaces_keeps_their_counters_apart(netns_pair: NetnsPair):
+    p = netns_pair
+    p.run("b", "ip", "xfrm", "policy", "add", "src", p.b4, "dst", p.a4, "proto", "udp", "dport", "9",
+          "dir", "out", "action", "block")
+    with watching(p.a, "--netns", p.b) as w:
+        assert f"watching {p.a}, {p.b}" in w.wait_line(w.err, "ready")
+        send_udp(p, "b", p.a4, 3)
+        w.wait_line(w.out, '"policy-block"', timeout=30)
+        text = w.metrics()
+        w.proc.send_signal(signal.SIGTERM)
+        assert w.proc.wait(30) == 0
+    def value(ns: str) -> float:
+        line = next(x for x in text.splitlines() if x.startswith("ipsec_capture_xfrm_stat_total")
+                    and 'counter="XfrmOutPolBlock"' in x and f'netns="{ns}"' in x)
+        return float(line.rsplit(" ", 1)[1])
+
+    assert value(p.b) >= 3 and value(p.a) == 0
+    assert f'ipsec_capture_source_up{{netns="{p.a}",source="tracepoint"}} 1.0' in text
+    assert f'ipsec_capture_source_up{{netns="{p.b}",source="tracepoint"}} 0.0' in text  # one per process
+    assert [i["netns"] for i in w.incidents()] == [p.b]
+    for ns in (p.a, p.b):
+        assert "ipsec_capture" not in netfilter_state(ns)

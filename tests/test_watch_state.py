@@ -114,6 +114,9 @@ def test_candidates_without_a_counter_move_are_never_counted():
     clock.t += 6
     inc = st.on_event(Event(time_ns=2, source="xfrm_stat", kind="counter", reason="XfrmInNoStates",
                             detail={"delta": 1, "value": 1}), "gw")
+    assert inc == [] and st.settle() == []  # it waits a moment for packets still on their way
+    clock.t += st.no_state_grace
+    inc = st.settle()
     assert [(i.cause, i.sa) for i in inc] == [("no-state", None)]  # expired: blamed on the namespace
     smp = samples(st)
     assert find(smp, "ipsec_capture_unattributed_failed_packets_total", cause="no-state") == [1]
@@ -180,3 +183,59 @@ def test_ring_is_bounded_by_bytes_and_returns_a_window_in_time_order():
     assert ring.size <= 10 * size and ring.packets == 10 and ring.evicted == 190
     got = ring.between(950, 991)
     assert [r.time_ns for r in got] == [950, 951, 960, 961, 970, 971, 980, 981, 990, 991]
+
+
+def test_same_dst_and_spi_from_two_peers_are_two_sas():
+    """Cilium: every peer's inbound SA on a node has the node's address and the same SPI."""
+    st, _ = make_state()
+    st.sync_sas("node", [sa(3, "192.0.2.2", "192.0.2.1", packets=4), sa(3, "192.0.2.3", "192.0.2.1", 9)])
+    got = sorted((s.src, s.packets) for s in st.sas.values())
+    assert got == [("192.0.2.2", 4), ("192.0.2.3", 9)]
+    st.on_event(Event(time_ns=1, source="xfrm_monitor", kind="sa-delete", spi=3,
+                      detail={"sa": sa(3, "192.0.2.3", "192.0.2.1").to_dict()}), "node")
+    assert st.has_sa("node", "192.0.2.1", 3)  # the other peer's SA still takes (dst, SPI)
+    st.add_candidate("node", "192.0.2.1", 3, "192.0.2.3", 2, "esp-tap")
+    inc = st.on_event(Event(time_ns=2, source="xfrm_stat", kind="counter", reason="XfrmInNoStates",
+                            detail={"delta": 2, "value": 2}), "node")
+    assert [(i.sa.src, i.count) for i in inc] == [("192.0.2.3", 2)]
+
+
+def test_recorder_writes_bundles_around_incidents_and_keeps_at_most_max_bundles(tmp_path):
+    import time as _time
+
+    from ipsec_capture.capture.pcapread import read_records
+    from ipsec_capture.models import Record
+    from ipsec_capture.watch.recorder import FlightRecorder
+    from ipsec_capture.watch.service import WatchOptions
+    from ipsec_capture.watch.state import Incident
+
+    st, _ = make_state()
+    opts = WatchOptions(netns=["gw"], dir=str(tmp_path), ring_mb=1, ring_before=1, ring_after=0,
+                        ring_max_bundles=2, ring_min_gap=0)
+    rec = FlightRecorder(opts, st, clock={"wall_minus_mono_ns": 0, "wall_minus_boot_ns": 0})
+    rec.points["gw"] = ["raw-pre-esp"]
+    now = _time.time_ns()
+    rec.add("gw", [Record(time_ns=now - 2_000_000_000, point="raw-pre-esp", payload=b"\x45" + bytes(39)),
+                   Record(time_ns=now - 500_000_000, point="raw-pre-esp", payload=b"\x45" + bytes(39))])
+    paths = []
+    for i in range(3):
+        inc = Incident(now + i, "no-state", "gw", None, 1, [f"n{i}"])
+        paths.append(rec.trigger(inc))  # the same second: names made unique
+    assert len(set(paths)) == 3
+    rec.tick()
+    left = sorted(p.name for p in tmp_path.glob("incident-*.pcapng"))
+    assert len(left) == 2 and rec.bundles == 3
+    newest = next(p for p in paths if p.endswith(left[-1]))
+    assert len(list(read_records(newest))) == 1  # only the packet within `before` of the incident
+
+
+def test_a_no_state_move_waits_for_its_packets_still_in_an_nflog_batch():
+    st, clock = make_state()
+    inc = st.on_event(Event(time_ns=2, source="xfrm_stat", kind="counter", reason="XfrmInNoStates",
+                            detail={"delta": 2, "value": 2}), "gw")
+    assert inc == []
+    clock.t += 0.3
+    st.add_candidate("gw", "192.0.2.1", 0x55, "192.0.2.2", 2, "esp-tap")
+    inc = st.settle()
+    assert [(i.cause, i.sa.spi, i.count) for i in inc] == [("no-state", 0x55, 2)]
+    assert st.settle() == [] and not st.unattributed

@@ -12,7 +12,8 @@ Where each failure count comes from (one place per cause, so nothing is counted 
   - no-state: the kernel cannot name an SA it has not got, so the SPI comes from the packet. A
     candidate is an inbound ESP packet whose (destination, SPI) has no SA here (seen by the ESP tap
     rule, or named by the kprobe source's xfrm_audit_state_notfound anchor); XfrmInNoStates moving
-    in that namespace confirms it, and only as many candidates as the counter moved are counted;
+    in that namespace confirms it, and only as many candidates as the counter moved are counted (a
+    move waits `no_state_grace` for packets still in an NFLOG batch, then counts per namespace);
   - everything else per namespace: the xfrm_stat counter, by the cause correlate/causes.py names.
 Labels stay bounded: one series per SA (plus cause), and an SA that is gone is dropped from the
 metrics `forget_after` seconds later.
@@ -37,6 +38,10 @@ SA_STAT_CAUSES = {"replay": "replay", "integrity_failed": "icv-fail"}
 KERNEL_PER_SA = frozenset(SA_STAT_CAUSES.values())
 NO_STATE_COUNTER = "XfrmInNoStates"
 LIFECYCLE = ("new", "rekey", "delete", "expire-soft", "expire-hard")
+
+
+def _pack(addr: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6 if ":" in addr else socket.AF_INET, addr)
 
 
 def algorithm_of(sa: SA) -> str:
@@ -85,7 +90,9 @@ class SaEntry:
         return self.src if self.direction == "in" else self.dst
 
 
-SaKey = tuple[str, str, int, int]  # (netns, dst, spi, proto): what identifies an SA in the kernel
+# (netns, src, dst, spi, proto): the kernel finds an inbound SA by (dst, spi, proto) and its mark;
+# Cilium gives every peer's inbound SA the same dst and SPI, told apart by mark, so src is in the key
+SaKey = tuple[str, str, str, int, int]
 
 
 @dataclass(slots=True)
@@ -161,6 +168,10 @@ class WatchState:
         self.clock = clock
         self.sas: dict[SaKey, SaEntry] = {}
         self.live: dict[str, set[tuple[str, int]]] = {}  # netns -> {(dst, spi)} of installed SAs
+        # the same with dst packed, for the ESP tap's per-packet test (no address string per packet)
+        self.live_packed: dict[str, set[tuple[bytes, int]]] = {}
+        self.no_state_grace = 1.0  # seconds an XfrmInNoStates move waits for its packets (NFLOG batches)
+        self._waiting: dict[str, list[Any]] = {}  # netns -> [left, value, since] of a no-state move
         self.xfrm_stat: dict[str, dict[str, int]] = {}  # netns -> counter -> value
         self.lifecycle: dict[tuple[str, str, str, str], int] = {}  # (netns, src, dst, event) -> n
         self.lost: dict[tuple[str, str], int] = {}  # (netns, what) -> n
@@ -176,7 +187,7 @@ class WatchState:
 
     # -- SAs -------------------------------------------------------------------------------------
     def _entry(self, netns: str, sa: SA) -> SaEntry:
-        key = (netns, sa.dst, sa.spi, sa.proto)
+        key = (netns, sa.src, sa.dst, sa.spi, sa.proto)
         e = self.sas.get(key)
         if e is None or not e.installed:
             direction = sa.direction or ("in" if self.is_local(netns, sa.dst) else "out")
@@ -185,6 +196,7 @@ class WatchState:
                         reqid=sa.reqid, failed=failed)
             self.sas[key] = e
             self.live.setdefault(netns, set()).add((sa.dst, sa.spi))
+            self.live_packed.setdefault(netns, set()).add((_pack(sa.dst), sa.spi))
         return e
 
     def sync_sas(self, netns: str, sas: list[SA], now_ns: int | None = None) -> list[Incident]:
@@ -197,7 +209,7 @@ class WatchState:
             for sa in sas:
                 e = self._entry(netns, sa)
                 e.gone_at = None
-                seen.add((netns, sa.dst, sa.spi, sa.proto))
+                seen.add((netns, sa.src, sa.dst, sa.spi, sa.proto))
                 e.packets = sa.lifetime_cur.get("packets", 0)
                 e.bytes = sa.lifetime_cur.get("bytes", 0)
                 for stat, cause in SA_STAT_CAUSES.items():
@@ -210,7 +222,8 @@ class WatchState:
                                          [f"the kernel's per-SA counter {stat} +{delta} (now {value})"])
                         if inc is not None:
                             out.append(inc)
-            self.live[netns] = {(k[1], k[2]) for k in seen}
+            self.live[netns] = {(k[2], k[3]) for k in seen}
+            self.live_packed[netns] = {(_pack(k[2]), k[3]) for k in seen}
             for key, e in list(self.sas.items()):
                 if key[0] != netns or key in seen:
                     continue
@@ -268,12 +281,15 @@ class WatchState:
             self._entry(netns, sa)
             self._count_life(netns, src, dst, "rekey" if rekey else "new")
         elif ev.kind == "sa-delete":
-            key = (netns, dst, sa.spi, sa.proto)
+            key = (netns, src, dst, sa.spi, sa.proto)
             e = self.sas.get(key)
             if e is not None and e.installed:
                 e.installed = False
                 e.gone_at = e.deleted_at = self.clock()
-            self.live.get(netns, set()).discard((dst, sa.spi))
+            if not any(k[0] == netns and k[2] == dst and k[3] == sa.spi and v.installed
+                       for k, v in self.sas.items()):
+                self.live.get(netns, set()).discard((dst, sa.spi))
+                self.live_packed.get(netns, set()).discard((_pack(dst), sa.spi))
             self._count_life(netns, src, dst, "delete")
         elif ev.kind == "expire":
             self._count_life(netns, src, dst, "expire-hard" if ev.detail.get("hard") else "expire-soft")
@@ -306,6 +322,35 @@ class WatchState:
         left = delta
         if name == NO_STATE_COUNTER:
             left, out = self._attribute_no_state(netns, delta, now_ns)
+            if left > 0:  # its packets may still be in an NFLOG batch: settle() looks again
+                w = self._waiting.setdefault(netns, [0, value, self.clock()])
+                w[0] += left
+                w[1] = value
+            return out
+        return out + self._blame_netns(netns, name, cause, left, value, now_ns)
+
+    def settle(self, now_ns: int | None = None) -> list[Incident]:
+        """No-state moves still waiting: pinned on candidates that came since, or after
+        `no_state_grace` seconds blamed on the namespace. The service calls it every turn."""
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        out: list[Incident] = []
+        with self.lock:
+            t = self.clock()
+            for netns, w in list(self._waiting.items()):
+                left, got = self._attribute_no_state(netns, w[0], now_ns)
+                out += got
+                w[0] = left
+                if left <= 0:
+                    del self._waiting[netns]
+                elif t - w[2] >= self.no_state_grace:
+                    del self._waiting[netns]
+                    cause, _d = cause_for_counter(NO_STATE_COUNTER)
+                    out += self._blame_netns(netns, NO_STATE_COUNTER, cause, left, w[1], now_ns)
+        return out
+
+    def _blame_netns(self, netns: str, name: str, cause: str, left: int, value: int,
+                     now_ns: int) -> list[Incident]:
+        out: list[Incident] = []
         if left > 0:
             k = (netns, cause)
             self.unattributed[k] = self.unattributed.get(k, 0) + left
@@ -350,11 +395,14 @@ class WatchState:
         """The SA a no-state packet was meant for: the gone SA that had this (dst, SPI), else an
         entry made from the packet alone (algorithm unknown)."""
         for proto in (50, 51):
-            e = self.sas.get((netns, c.dst, c.spi, proto))
+            e = self.sas.get((netns, c.src, c.dst, c.spi, proto))
             if e is not None:
                 return e
+        for k, e in self.sas.items():  # a wildcard source (Cilium's legacy `src 0.0.0.0` states)
+            if k[0] == netns and k[2] == c.dst and k[3] == c.spi:
+                return e
         e = SaEntry(netns, c.spi, c.src, c.dst, 50, "in", "unknown", installed=False, gone_at=self.clock())
-        self.sas[(netns, c.dst, c.spi, 50)] = e
+        self.sas[(netns, c.src, c.dst, c.spi, 50)] = e
         return e
 
     def _drop_evidence(self, cause: str) -> list[str]:
@@ -373,7 +421,7 @@ class WatchState:
     def _drop(self, netns: str, cause: str, e: SaEntry | None, n: int, now_ns: int,
               evidence: list[str]) -> Incident | None:
         """Record drops of `cause`; an Incident if this starts one (none active within quiet_after)."""
-        key = (netns, cause, (e.netns, e.dst, e.spi, e.proto) if e else None)
+        key = (netns, cause, (e.netns, e.src, e.dst, e.spi, e.proto) if e else None)
         t = self.clock()
         last = self._active.get(key)
         self._active[key] = t
@@ -412,3 +460,4 @@ class WatchState:
                     del self.sas[key]
             self._active.clear()
             self.candidates.clear()
+            self._waiting.clear()
