@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -338,7 +339,8 @@ def test_kprobes_give_every_esp_packet_a_verdict_and_name_the_deleted_sa(lab_run
 
 def test_default_options_attach_the_core_probes(lab_run: Path) -> None:
     """Every `start` of the scenarios ran with `--kernel-events auto`: per-packet CO-RE probes
-    (fentry/fexit, this kernel has trampolines), attached in seconds, said in one line."""
+    (fentry/fexit, this kernel has trampolines), attached in seconds with nothing compiled, as
+    the events log header says (these captures run --quiet: no progress line to read)."""
     for scenario in LAB_SCENARIOS:
         data = case(lab_run, scenario)
         for cap in [*data["captures"].values(), data["fault"], data["fault"]["peer"]]:
@@ -348,8 +350,9 @@ def test_default_options_attach_the_core_probes(lab_run: Path) -> None:
             header = json.loads(log.read_text().splitlines()[0])
             kprobe = {s["name"]: s for s in header["sources"]}["kprobe"]
             assert kprobe["active"] and kprobe["via"] == "core" and "fentry/fexit" in kprobe["why"], kprobe
-            line = [x for x in cap["stderr"].splitlines() if x.startswith("ipsec-capture: kernel events:")]
-            assert len(line) == 1 and "kprobe on (CO-RE fentry/fexit" in line[0], cap["stderr"][-2000:]
+            took = re.search(r"CO-RE fentry/fexit in ([\d.]+) s: fentry:xfrm_input", kprobe["why"])
+            assert took and float(took.group(1)) < 10, kprobe["why"]  # bcc: 40-120 s under TCG
+            assert "compiling" not in cap["stderr"], cap["stderr"][-2000:]
 
 
 def test_every_case_ran(lab_run: Path) -> None:
