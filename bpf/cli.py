@@ -23,7 +23,8 @@ from .sources import MODES, KernelEvents, plan_sources
 
 MODE_HELP = ("auto: per-packet probes (the shipped CO-RE object, else bcc) where the kernel allows, "
              "else the skb:kfree_skb tracepoint (BPF, else tracefs); kprobe: insist on per-packet probes; "
-             "bcc: per-packet probes through bcc only; tracepoint: drops only; off: nothing (default: auto)")
+             "bcc: per-packet probes through bcc only; tracepoint: drops only; tracefs: drops only, "
+             "through a tracefs instance (no BPF); off: nothing (default: auto)")
 
 
 def register(sub: Any) -> None:

@@ -39,7 +39,8 @@ from .kprobes import KPROBE_PMU
 
 # auto: the richest that attaches; kprobe: insist on per-packet probes (CO-RE, else bcc);
 # bcc: per-packet probes through bcc only (the fallback, forced); tracepoint: drops only; off
-MODES = ("auto", "kprobe", "bcc", "tracepoint", "off")
+MODES = ("auto", "kprobe", "bcc", "tracepoint", "tracefs", "off")
+DROPS_ONLY = ("tracepoint", "tracefs")  # modes without per-packet probes (tracefs: no BPF at all)
 BCC_INSTALL = "apt-get install python3-bpfcc linux-headers-$(uname -r)"
 SLOTS = ("kprobe", "tracepoint", "xfrm_stat", "xfrm_monitor")
 
@@ -123,10 +124,10 @@ def xfrm_monitor_status() -> SourceStatus:
 def candidates(slot: str, mode: str) -> list[SourceStatus]:
     """The ways to fill `slot` under `mode`, in the order they are tried (active = may work here)."""
     if slot == "kprobe":
-        if mode == "tracepoint":
+        if mode in DROPS_ONLY:
             return []
         return [kprobe_status()] if mode == "bcc" else [core_status("kprobe"), kprobe_status()]
-    return [core_status("tracepoint"), tracepoint_status()]
+    return [tracepoint_status()] if mode == "tracefs" else [core_status("tracepoint"), tracepoint_status()]
 
 
 VIA = {"core": "CO-RE", "bcc": "bcc", "tracefs": "tracefs"}  # as the one line names them
@@ -152,8 +153,8 @@ def plan_sources(mode: str = "auto", netns: str | None = None) -> list[SourceSta
     netns_path(netns)  # a bad name fails here, with the remedy
     if mode == "off":
         return [SourceStatus(n, False, "--kernel-events off") for n in SLOTS]
-    if mode == "tracepoint":
-        kp = SourceStatus("kprobe", False, "not asked for (--kernel-events tracepoint)")
+    if mode in DROPS_ONLY:
+        kp = SourceStatus("kprobe", False, f"not asked for (--kernel-events {mode})")
     else:
         kp = _first("kprobe", candidates("kprobe", mode))
     if kp.active:
@@ -271,7 +272,7 @@ class KernelEvents:
         plan = {s.name: s for s in self.sources}
         try:
             kp = plan["kprobe"]
-            if self.mode not in ("tracepoint", "off"):
+            if self.mode not in (*DROPS_ONLY, "off"):
                 kp = self._fill("kprobe")
                 if not kp.active and self.mode in ("kprobe", "bcc"):
                     raise UserError(f"--kernel-events {self.mode}: {kp.why} (try --kernel-events auto)")
@@ -281,8 +282,8 @@ class KernelEvents:
                                   "program")
             elif self.mode != "off":
                 tp = self._fill("tracepoint")
-                if not tp.active and self.mode == "tracepoint":
-                    raise UserError(f"--kernel-events tracepoint: {tp.why} (try --kernel-events auto)")
+                if not tp.active and self.mode in DROPS_ONLY:
+                    raise UserError(f"--kernel-events {self.mode}: {tp.why} (try --kernel-events auto)")
             rest = []
             for status in (plan["xfrm_stat"], plan["xfrm_monitor"]):
                 if status.active:

@@ -68,15 +68,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", "-q", action="store_true",
                    help="no status line and no text summary (the `ready` line is still printed)")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout")
-    p.add_argument("--kernel-events", choices=("auto", "kprobe", "bcc", "tracepoint", "off"), default="auto",
+    p.add_argument("--kernel-events", choices=("auto", "kprobe", "bcc", "tracepoint", "tracefs", "off"),
+                   default="auto",
                    metavar="MODE",
                    help="kernel verdicts into FILE's .events.jsonl: auto (per-packet probes on "
                         "xfrm_input/xfrm_output: the shipped CO-RE object where the kernel has BTF, else "
                         "bcc; where neither attaches, the skb:kfree_skb tracepoint; always "
                         "/proc/net/xfrm_stat deltas and XFRM monitor events; `ipsec-capture sources` "
                         "says what this machine allows), kprobe (insist on per-packet probes), bcc "
-                        "(per-packet probes through bcc only), tracepoint (drops only), off (no events "
-                        "log); default auto")
+                        "(per-packet probes through bcc only), tracepoint (drops only), tracefs (drops only, "
+                        "through a tracefs instance: no BPF), off (no events log); default auto")
     p.add_argument("--no-keys", action="store_true",
                    help="do not write FILE's .esp_sa (Wireshark keys of every SA, kept current "
                         "through rekeys; mode 0600)")

@@ -1,5 +1,5 @@
 """`rules cleanup` removes everything a killed capture leaves, not only its rules: kill -9 a few
-`start --kernel-events tracepoint` captures on a machine with no tracefs mounted (so each one
+`start --kernel-events tracefs` captures on a machine with no tracefs mounted (so each one
 mounts its own under /tmp and makes its instance `ipsec_capture_<pid>`), then count what is left
 before and after the cleanup. Runs in a private mount namespace (unshare -m) so that other
 people's tracefs mounts are out of sight and nothing of ours reaches the host's mount table."""
@@ -58,7 +58,7 @@ for i in range(int(sys.argv[4])):
     # mounted and the next ones use it
     own_ns = ["unshare", "-m", "--propagation", "private"] if i < int(sys.argv[4]) // 2 else []
     proc = subprocess.Popen([*own_ns, *CLI, "start", "--netns", ns, "--group", str(60 + i), "-w",
-                             os.path.join(work, f"c{i}.pcapng"), "--kernel-events", "tracepoint",
+                             os.path.join(work, f"c{i}.pcapng"), "--kernel-events", "tracefs",
                              "--no-keys", "--quiet"], stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     said = line = proc.stderr.readline()

@@ -100,7 +100,7 @@ def test_watch_scraped_by_prometheus_sees_policy_block_and_acquire(netns_pair: N
           "dir", "out", "action", "block")
     p.run("a", "ip", "xfrm", "policy", "add", "src", p.a6, "dst", p.b6, "proto", "udp", "dir", "out",
           "tmpl", "src", p.a6, "dst", p.b6, "proto", "esp", "mode", "transport")
-    with watching(p.a) as w, prometheus([f"127.0.0.1:{w.port}"]) as prom:
+    with watching(p.a, "--kernel-events", "tracefs") as w, prometheus([f"127.0.0.1:{w.port}"]) as prom:
         pid_instance = f"{INSTANCE_PREFIX}{w.proc.pid}"
         assert pid_instance in our_instances()
         assert "ipsec_capture" in netfilter_state(p.a)  # the ESP tap rule

@@ -47,8 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"NFLOG group for the ESP tap and the ring (default {DEFAULT_GROUP})")
     p.add_argument("--backend", default="auto", choices=BACKENDS, metavar="NAME",
                    help="rule backend: auto, nft, iptables (default auto)")
-    p.add_argument("--kernel-events", choices=("auto", "kprobe", "tracepoint"), default="auto",
-                   metavar="MODE", help="drop source: auto, kprobe, tracepoint (default auto)")
+    p.add_argument("--kernel-events", choices=("auto", "kprobe", "tracepoint", "tracefs"), default="auto",
+                   metavar="MODE", help="drop source: auto, kprobe, tracepoint, tracefs (no BPF); "
+                                        "default auto")
     p.add_argument("--interval", type=float, default=5.0, metavar="S",
                    help="read the SA tables every S seconds (default 5; also whenever a counter moves)")
     p.add_argument("--forget", type=float, default=300.0, metavar="S",

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from ipsec_capture.capture.esp_header import esp_header
 from ipsec_capture.capture.pcapread import read_records
-from ipsec_capture.decrypt.esp_header import esp_header
 from ipsec_capture.lab.vm import LabVM
 
 pytestmark = pytest.mark.lab
