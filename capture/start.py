@@ -339,6 +339,7 @@ class Capture:
         limit = o.count
         try:
             drain_until = None
+            batch: Sequence[Any]  # a read's records; () once written on the common path
             while True:
                 if self._stop is not None:
                     if self._stop == "count":
