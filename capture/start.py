@@ -244,6 +244,7 @@ class Capture:
             return open_part(o.write)
         from .rotate import RotatingWriter
 
+        # duck-typed: RotatingWriter has the PcapngWriter methods the capture uses (rotate.py), not its class
         return RotatingWriter(o.write, o.rotation, open_part, self.rotate_hooks)  # type: ignore[return-value]
 
     @contextlib.contextmanager
