@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import IO, Any, TypeGuard
 
 from ipsec_capture.errors import UserError
 from ipsec_capture.models import EncodedEvent, Event
@@ -159,7 +159,7 @@ _DETAIL_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def _is_int(v: Any) -> bool:
+def _is_int(v: Any) -> TypeGuard[int]:
     return type(v) is int  # bool is an int subclass: true/false is not a number here
 
 

@@ -101,7 +101,7 @@ def manual_bpf(BPF: Any) -> Any:
     """bcc's BPF class without its attach-on-load of programs named by prefix (kfunc__*,
     raw_tracepoint__*): we attach each program ourselves and can tell which one failed."""
 
-    class ManualBPF(BPF):  # type: ignore[misc, valid-type]
+    class ManualBPF(BPF):
         def _trace_autoload(self) -> None:
             return None
 

@@ -144,7 +144,7 @@ def bundle_companions(capture: Capture, kernel_events: str, keys: bool) -> list[
     if kernel_events != "off":
         from ipsec_capture.bpf.capture_events import CaptureEvents
 
-        kw = {}
+        kw: dict[str, Any] = {}  # the one optional keyword, `writer`
         if rotating:
             kw["writer"] = _parted_log(capture)
         out.append(CaptureEvents(bundle.events, kernel_events, o.netns, stats=capture.stats_dict,

@@ -269,19 +269,20 @@ class PcapngWriter:
         if iid is None:
             iid = self.interface(rec.point or "unknown")
         if self._learned is not None and rec.comment:
-            self._learn_names(rec)
+            self._learn_names(rec, self._learned)
         point_opts = self._encode_point_options(rec, iid)
         if len(self._opts) < 65536:
             self._opts[(rec.point, rec.hook, rec.indev, rec.outdev, rec.mark)] = point_opts
         return point_opts
 
-    def _learn_names(self, rec: Record) -> None:
-        """The device names of a record's own comment (`in=NAME out=NAME`, as we write them)."""
+    def _learn_names(self, rec: Record, learned: dict[int, str]) -> None:
+        """The device names of a record's own comment (`in=NAME out=NAME`, as we write them)
+        into `learned` (self._learned, when names are learned from comments)."""
         for word in rec.comment.split() if rec.comment else ():
             if word.startswith("in=") and rec.indev:
-                self._learned[rec.indev] = word[3:]  # type: ignore[index]
+                learned[rec.indev] = word[3:]
             elif word.startswith("out=") and rec.outdev:
-                self._learned[rec.outdev] = word[4:]  # type: ignore[index]
+                learned[rec.outdev] = word[4:]
 
     def _encode_point_options(self, rec: Record, iid: int) -> _PointOptions:
         """Comment: the caller's text first, then where the packet was seen (point, devices, mark)

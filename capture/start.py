@@ -244,6 +244,7 @@ class Capture:
             return open_part(o.write)
         from .rotate import RotatingWriter
 
+        # duck-typed: RotatingWriter has the PcapngWriter methods the capture uses (rotate.py), not its class
         return RotatingWriter(o.write, o.rotation, open_part, self.rotate_hooks)  # type: ignore[return-value]
 
     @contextlib.contextmanager
@@ -339,6 +340,7 @@ class Capture:
         limit = o.count
         try:
             drain_until = None
+            batch: Sequence[Any]  # a read's records; () once written on the common path
             while True:
                 if self._stop is not None:
                     if self._stop == "count":

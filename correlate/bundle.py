@@ -58,7 +58,9 @@ def open_bundle(capture: str | os.PathLike[str], events: str | os.PathLike[str] 
         if given is not None and not path.is_file():
             raise UserError(f"{what} {path} not found")
     header: dict[str, Any] = {}
+    events_path: str | None = None  # what Inputs names: the log when there is one
     if ev_path.is_file():
+        events_path = os.fspath(ev_path)
         header, it = read_events(ev_path)
         close = getattr(it, "close", None)
         if close is not None:
@@ -68,12 +70,13 @@ def open_bundle(capture: str | os.PathLike[str], events: str | os.PathLike[str] 
             return read_events(ev_path)[1]
     else:
         missing.append(f"no events log ({ev_path.name}): kernel verdicts come only from cleartext matches")
-        ev_path = None
 
         def event_stream() -> Iterable[Event]:
             return iter(())
     sas: list[Any] = []
+    keys_path: str | None = None
     if key_path.is_file():
+        keys_path = os.fspath(key_path)
         from ipsec_capture.xfrm.keyfile import load_sas
 
         sas = load_sas(key_path)
@@ -82,11 +85,10 @@ def open_bundle(capture: str | os.PathLike[str], events: str | os.PathLike[str] 
                            "cleartext is matched by addresses, IP ID and time")
     else:
         missing.append(f"no key file ({key_path.name}): cleartext is matched by addresses, IP ID and time")
-        key_path = None
-    path = os.fspath(cap)
-    return Inputs(name=cap.name, records=lambda: _read_records(path), events=event_stream, header=header,
-                  sas=sas, capture_path=path, events_path=None if ev_path is None else os.fspath(ev_path),
-                  keys_path=None if key_path is None else os.fspath(key_path), missing=missing)
+    cap_path = os.fspath(cap)
+    return Inputs(name=cap.name, records=lambda: _read_records(cap_path), events=event_stream, header=header,
+                  sas=sas, capture_path=cap_path, events_path=events_path, keys_path=keys_path,
+                  missing=missing)
 
 
 def open_parts(parts: list[str], events: str | os.PathLike[str] | None = None,

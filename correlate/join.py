@@ -152,6 +152,9 @@ class Joiner:
         due = math.inf  # when the oldest pending packet's window ends
         rit, eit = iter(records), iter(events)
         rec, ev = next(rit, end), next(eit, end)
+        # a Record or an Event: `type(item) is record_type` narrows the first, mypy cannot narrow the
+        # other branch to Event (the _END sentinel is Any already)
+        item: Any
         try:
             while True:
                 if rec.time_ns <= ev.time_ns and rec is not end:
@@ -200,11 +203,11 @@ class Joiner:
                     if item.source == "kprobe":
                         spi, seq, kind = item.spi, item.seq, item.kind
                         if spi is not None and seq is not None and kind in _PROBE_KINDS:
-                            p = by_spiseq.get((spi, seq & 0xFFFFFFFF))
-                            if type(p) is not packet_type or not \
-                                    ((item.netns is None or p.netns is None or p.netns == item.netns)
-                                     and (kind == "xfrm_output") == (p.direction == "out")):
-                                p = None
+                            got = by_spiseq.get((spi, seq & 0xFFFFFFFF))
+                            if type(got) is packet_type and \
+                                    ((item.netns is None or got.netns is None or got.netns == item.netns)
+                                     and (kind == "xfrm_output") == (got.direction == "out")):
+                                p = got
                     if p is None:
                         event(item)
                     else:  # _event, _probe and _attach for the one packet with its (SPI, seq)
@@ -223,7 +226,9 @@ class Joiner:
                     while pending and pending[0].time_ns < limit:
                         p = pending.popleft()
                         if p.kind == ESP:  # _finalize
-                            key = (p.spi, p.seq)
+                            # an ESP packet has both (Packet's type cannot say so per kind; a cast
+                            # would cost a call per packet here)
+                            key: tuple[int, int] = (p.spi, p.seq)  # type: ignore[assignment]
                             if by_spiseq.get(key) is p:
                                 del by_spiseq[key]
                             else:
@@ -387,7 +392,7 @@ class Joiner:
         if same is not None:
             netns = ev.netns
             out = ev.kind == "xfrm_output"
-            for p in (same,) if type(same) is Packet else reversed(same):
+            for p in (same,) if isinstance(same, Packet) else reversed(same):
                 if (netns is None or p.netns is None or p.netns == netns) and out == (p.direction == "out"):
                     self._attach(p, ev)
                     return
@@ -470,7 +475,7 @@ class Joiner:
     # -- the end of a packet's window ------------------------------------------------------
     def _finalize(self, p: Packet) -> Packet | None:
         if p.kind == ESP:
-            key = (p.spi, p.seq)
+            key: tuple[int, int] = (p.spi, p.seq)  # type: ignore[assignment]  # ESP: both are set
             if self._by_spiseq.get(key) is p:
                 del self._by_spiseq[key]
             else:

@@ -40,10 +40,10 @@ class PathRow:
                 "failed": dict(sorted(self.failed.items())), "unknown": self.unknown, "unsent": self.unsent}
 
 
-def _tagged(side: int, packets: Iterable[Packet]) -> Iterator[tuple[int, int, Packet]]:
+def _tagged(side: int, packets: Iterable[Packet]) -> Iterator[tuple[int, int, int, Packet]]:
     for p in packets:
         if p.kind == ESP and p.spi is not None:
-            yield p.time_ns, side, p
+            yield p.time_ns, side, p.spi, p
 
 
 def join_peers(a_name: str, a: Iterable[Packet], b_name: str, b: Iterable[Packet],
@@ -54,10 +54,10 @@ def join_peers(a_name: str, a: Iterable[Packet], b_name: str, b: Iterable[Packet
     recv: dict[tuple[int, int, int], Packet] = {}  # (receiver side, spi, seq) -> arrived first
     order: deque[tuple[int, str, tuple[int, int, int]]] = deque()
 
-    def row(sender: int, p: Packet) -> PathRow:
-        r = rows.get((sender, p.spi))
+    def row(sender: int, spi: int, p: Packet) -> PathRow:
+        r = rows.get((sender, spi))
         if r is None:
-            r = rows[(sender, p.spi)] = PathRow(p.spi, names[sender], names[1 - sender], p.src, p.dst)
+            r = rows[(sender, spi)] = PathRow(spi, names[sender], names[1 - sender], p.src, p.dst)
         return r
 
     def verdict(r: PathRow, p: Packet) -> None:
@@ -75,36 +75,36 @@ def join_peers(a_name: str, a: Iterable[Packet], b_name: str, b: Iterable[Packet
             if what == "sent":
                 p = sent.pop(key, None)
                 if p is not None:
-                    row(key[0], p).lost += 1
+                    row(key[0], key[1], p).lost += 1
             else:
                 p = recv.pop(key, None)
                 if p is not None:
-                    r = row(1 - key[0], p)
+                    r = row(1 - key[0], key[1], p)
                     r.unsent += 1
                     verdict(r, p)
 
-    for t, side, p in heapq.merge(_tagged(0, a), _tagged(1, b), key=lambda x: x[0]):
+    for t, side, spi, p in heapq.merge(_tagged(0, a), _tagged(1, b), key=lambda x: x[0]):
         expire(t)
         seq = p.seq or 0
         if p.direction == "out":
-            r = row(side, p)
+            r = row(side, spi, p)
             r.sent += 1
-            early = recv.pop((1 - side, p.spi, seq), None)
+            early = recv.pop((1 - side, spi, seq), None)
             if early is not None:  # the receiver's clock is behind: it logged the arrival first
                 r.arrived += 1
                 verdict(r, early)
             else:
-                sent[(side, p.spi, seq)] = p
-                order.append((t, "sent", (side, p.spi, seq)))
+                sent[(side, spi, seq)] = p
+                order.append((t, "sent", (side, spi, seq)))
         else:
-            mine = sent.pop((1 - side, p.spi, seq), None)
+            mine = sent.pop((1 - side, spi, seq), None)
             if mine is not None:
-                r = row(1 - side, p)
+                r = row(1 - side, spi, p)
                 r.arrived += 1
                 verdict(r, p)
             else:
-                recv[(side, p.spi, seq)] = p
-                order.append((t, "recv", (side, p.spi, seq)))
+                recv[(side, spi, seq)] = p
+                order.append((t, "recv", (side, spi, seq)))
     expire(None)
     return {"a": a_name, "b": b_name,
             "sas": [r.to_dict() for r in sorted(rows.values(), key=lambda r: (r.sender, r.spi))]}

@@ -163,10 +163,10 @@ class SaHistory:
     def deleted_before(self, spi: int, t: int, dst: str | None = None, mark: int | None = None
                        ) -> SaLife | None:
         """The latest SA with `spi` (to `dst`, matching `mark`) deleted at or before `t`."""
-        best = None
+        best, best_end = None, 0  # best_end: best's end_ns, once there is a best
         for life in _chosen(self.by_spi.get(spi, []), dst, mark):
-            if life.end_ns is not None and life.end_ns <= t and (best is None or life.end_ns > best.end_ns):
-                best = life
+            if life.end_ns is not None and life.end_ns <= t and (best is None or life.end_ns > best_end):
+                best, best_end = life, life.end_ns
         return best
 
     def known(self, spi: int) -> bool:

@@ -239,10 +239,10 @@ class Summary:
                 (0 if inc.spis and (inc.cause, next(iter(inc.spis)), inc.direction) in self.drops else 1)
             if rest <= 0:
                 continue
-            key = (inc.cause, None, inc.direction)
-            g = self.drops.get(key)
+            drop_key = (inc.cause, None, inc.direction)
+            g = self.drops.get(drop_key)
             if g is None:
-                g = self.drops[key] = DropGroup(inc.cause, None, inc.direction, first_ns=inc.time_ns)
+                g = self.drops[drop_key] = DropGroup(inc.cause, None, inc.direction, first_ns=inc.time_ns)
             g.last_ns = max(g.last_ns, inc.time_ns)
             g.counters[inc.name] = g.counters.get(inc.name, 0) + rest
             if inc.detail and inc.detail not in g.example and len(g.example) < 5:

@@ -21,6 +21,7 @@ import ipaddress
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 from cryptography.exceptions import InvalidTag
 
@@ -112,7 +113,7 @@ class _Context:
 
 
 # (IPv4 packet, out buffer, a view of it, at) -> inner length, or -1: "ask decrypt_into"
-Lane = Callable[[memoryview, bytearray, memoryview, int], int]
+Lane = Callable[[bytes | memoryview, bytearray, memoryview, int], int]
 
 
 def _lane(ctx: _Context) -> Lane | None:
@@ -128,12 +129,14 @@ def _lane(ctx: _Context) -> Lane | None:
         return None
     overhead, block = 20 + t.overhead, t.block
     pads = _PADS
-    open_ = t.open
+    # the lane is handed Record.payload, bytes or a view: the transforms only slice it and pass it
+    # to cryptography, which takes any buffer, so bytes serve as well as the view they are typed for
+    open_ = cast(Callable[[bytes | memoryview, int, None, memoryview, int], int], t.open)
     # an AEAD's own call inlined (one Python call less a packet): its decrypt_into and salt
     decrypt_into, salt = t.aead if t.aead is not None else (None, b"")
     header_iv = _HEADER_IV.unpack_from
 
-    def lane(pkt: memoryview, buf: bytearray, out: memoryview, at: int) -> int:
+    def lane(pkt: bytes | memoryview, buf: bytearray, out: memoryview, at: int) -> int:
         n = len(pkt) - overhead  # the ciphertext's length, and so the plaintext's
         if n < 2 or n % block:
             return -1

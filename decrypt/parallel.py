@@ -29,6 +29,7 @@ import signal
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
+from typing import cast
 
 from ipsec_capture.capture.pcapng import PcapngWriter
 from ipsec_capture.capture.pcapread import Share, read_records
@@ -181,7 +182,8 @@ def decrypt_parallel(path: str, decoder: EspDecoder, out: str, jobs: int, name_p
         head.flush()
         end = head.committed
     ctx = multiprocessing.get_context("fork")  # workers inherit the decoder (keys, ciphers) as built
-    procs, conns = [], []
+    procs: list[multiprocessing.context.ForkProcess] = []
+    conns: list[Connection] = []
     ok = False
     old_term = signal.signal(signal.SIGTERM, _terminated)
     try:
@@ -194,12 +196,14 @@ def decrypt_parallel(path: str, decoder: EspDecoder, out: str, jobs: int, name_p
             procs.append(proc)
             conns.append(parent_end)
         sizes: dict[int, int] = {}
-        next_block, done, reported, packets, oks = 0, {}, 0, 0, 0
+        done: dict[int, tuple[int, DecryptSummary]] = {}  # worker -> (records it saw, its counts)
+        next_block, reported, packets, oks = 0, 0, 0, 0
         while len(done) < jobs:
-            for conn in wait([c for k, c in enumerate(conns) if k not in done]):
-                k = conns.index(conn)  # type: ignore[arg-type]
+            # wait() returns the objects it was given, here Connections (its stub says any waitable)
+            for conn in cast(list[Connection], wait([c for k, c in enumerate(conns) if k not in done])):
+                k = conns.index(conn)
                 try:
-                    msg = conn.recv()  # type: ignore[union-attr]
+                    msg = conn.recv()
                 except EOFError:
                     procs[k].join(5)
                     raise UserError(f"decrypt worker {k} died (exit status {procs[k].exitcode})") from None

@@ -71,10 +71,11 @@ class DecryptSummary:
         if result.status == NOT_ESP:
             self.not_esp += 1
             return
-        while result is not None:
-            counts = self.counts_for(result, packet)
-            counts[result.status] = counts.get(result.status, 0) + 1
-            result = result.layer
+        layer: DecryptResult | None = result
+        while layer is not None:
+            counts = self.counts_for(layer, packet)
+            counts[layer.status] = counts.get(layer.status, 0) + 1
+            layer = layer.layer
 
     def counts_for(self, result: DecryptResult, packet: bytes | memoryview) -> dict[str, int]:
         """The counts of the SA (or unknown SPI) of an ESP result, its tally created on first use
@@ -246,8 +247,9 @@ def decrypt_to_writer(records: Iterable[Record], decoder: EspDecoder, summary: D
         if size >= 28:
             first, length, frag, proto, dst_spi, seq = IP4_ESP.unpack_from(payload)
             if first == 0x45 and proto == IPPROTO_ESP and length == size and not frag & 0x3FFF:
-                fast = lanes.get(dst_spi)
-                if fast is not None:
+                entry = lanes.get(dst_spi)
+                if entry is not None:
+                    fast = entry  # what the ok branch below reads: inner_len >= 0 only after this
                     inner_len = fast[0](payload, writer.buf, writer.view, at)
             else:
                 dst_spi = -1

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.decrepit.ciphers.algorithms import CAST5, Blowfish, Camellia, TripleDES
@@ -64,6 +64,19 @@ class Transform:
 
     def __post_init__(self) -> None:
         self.overhead = 8 + self.iv_len + self.icv_len
+
+
+# the header itself (a view) without ESN, new bytes with it: GMAC's AAD concatenates the latter
+@overload
+def _aad(pkt: memoryview, pos: int, seq_hi: None) -> memoryview: ...
+
+
+@overload
+def _aad(pkt: memoryview, pos: int, seq_hi: bytes) -> bytes: ...
+
+
+@overload
+def _aad(pkt: memoryview, pos: int, seq_hi: bytes | None) -> bytes | memoryview: ...
 
 
 def _aad(pkt: memoryview, pos: int, seq_hi: bytes | None) -> bytes | memoryview:

@@ -124,9 +124,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     if state.daemon:
         print(f"lab {state.prefix} up: {state.daemon} between {state.left} and {state.right}, "
               f"children {', '.join(state.children)}")
-        for c in state.children:
-            spis = sorted({sa.spi for sa in scenarios.child_sas(state.left, c)})
-            print(f"  {c}: {CHILDREN[c].summary}; SPIs {', '.join(f'{s:#010x}' for s in spis)}")
+        for child in state.children:
+            spis = sorted({sa.spi for sa in scenarios.child_sas(state.left, child)})
+            print(f"  {child}: {CHILDREN[child].summary}; SPIs {', '.join(f'{s:#010x}' for s in spis)}")
         print(f"  configs and logs in {daemons.side_dir(state.prefix, 'left').parent}; "
               f"state in {scenarios.state_path(state.prefix)}")
         return 0

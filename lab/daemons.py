@@ -51,7 +51,7 @@ class Child:
     natt: bool = False  # forced into UDP encapsulation (strongSwan encap=yes, Libreswan encapsulation=yes)
     left_net: str = ""  # tunnel mode: the subnets behind each side (the first address is the host)
     right_net: str = ""
-    addrs: tuple[str, str] = ()  # outer addresses of its own (default: the hosts' first ones)
+    addrs: tuple[str, str] | tuple[()] = ()  # outer addresses of its own (default: the hosts' first ones)
 
     @property
     def left_addr(self) -> str:

@@ -181,8 +181,10 @@ def _rekey(state: LabState, children: list[str]) -> str:
     for c in children:
         before = _spis(state, [c])
         d.rekey(state.prefix, daemons.CHILDREN[c])
-        daemons.wait_for(lambda c=c, before=before: len(_spis(state, [c]) - before) >= 2,
-                         f"{c}'s rekey installing new SAs on both sides")
+        def installed(c: str = c, before: set[int] = before) -> bool:
+            return len(_spis(state, [c]) - before) >= 2
+
+        daemons.wait_for(installed, f"{c}'s rekey installing new SAs on both sides")
         done.append(f"{c} {' '.join(f'{s:#010x}' for s in sorted(_spis(state, [c]) - before))}")
     refresh_keys(state)
     return f"{state.daemon} rekeyed {len(children)} children (new SPIs: {'; '.join(done)})"

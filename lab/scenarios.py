@@ -184,7 +184,7 @@ def new_state(spec: Scenario, prefix: str) -> LabState:
     else:
         left_host, right_host = left_addr, right_addr
         left_net, right_net = f"{left_addr}/{plen}", f"{right_addr}/{plen}"
-    spis = set()
+    spis: set[int] = set()
     while len(spis) < 2:
         spis.add(0x1000 + secrets.randbelow(0xFFFF0000))
     spi_l2r, spi_r2l = sorted(spis)
@@ -329,7 +329,7 @@ def child_sas(netns: str, child: str) -> list[SA]:
     family = 10 if c.family == 6 else 2
     sas = [sa for sa in parse_states(run("ip", "-s", "-n", netns, "xfrm", "state").stdout)
            if sa.mode == c.mode and sa.family == family and (sa.encap is not None) == c.natt
-           and (sa.aead or sa.enc) is not None and (sa.aead or sa.enc).name == c.kernel_enc]
+           and (alg := sa.aead or sa.enc) is not None and alg.name == c.kernel_enc]
     return sorted(sas, key=lambda sa: sa.lifetime_cur.get("add_time", 0), reverse=True)
 
 
@@ -399,10 +399,11 @@ def teardown(prefix: str, state: LabState | None = None, keep_logs: bool = False
     if state is None:
         with contextlib.suppress(UserError):
             state = LabState.load(prefix)
-    for side, pid in (state.pids.items() if state is not None else ()):
-        if daemons.alive(pid):
-            daemons.stop_process(pid)
-            removed.append(f"{state.daemon} ({side}) pid {pid}")
+    if state is not None:
+        for side, pid in state.pids.items():
+            if daemons.alive(pid):
+                daemons.stop_process(pid)
+                removed.append(f"{state.daemon} ({side}) pid {pid}")
     if not keep_logs and daemons.remove_dirs(prefix):
         removed.append(f"{daemons.DAEMON_DIR / prefix}")
     if state is not None and state.encap_pid:

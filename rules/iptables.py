@@ -103,7 +103,14 @@ class Found:
     packets: dict[tuple[int, str], int] = field(default_factory=dict)  # (group, point) -> packets
 
     def groups(self) -> set[int]:
-        return {int(_CHAIN_RE.fullmatch(c)[1]) for cs in self.chains.values() for c in cs}
+        return {_group_of(c) for cs in self.chains.values() for c in cs}
+
+
+def _group_of(chain: str) -> int:
+    """The NFLOG group in one of our chain names (Found holds only names _CHAIN_RE matched)."""
+    m = _CHAIN_RE.fullmatch(chain)
+    assert m is not None, chain
+    return int(m[1])
 
 
 def parse_save(text: str) -> Found:
@@ -146,7 +153,7 @@ def removal(found: Found, groups: set[int]) -> str:
     """restore --noflush input that deletes our jumps and chains for `groups` ("" if none)."""
     lines = []
     for table in TABLE_ORDER + tuple(t for t in found.chains if t not in TABLE_ORDER):
-        chains = [c for c in found.chains.get(table, []) if int(_CHAIN_RE.fullmatch(c)[1]) in groups]
+        chains = [c for c in found.chains.get(table, []) if _group_of(c) in groups]
         jumps = [j for j in found.jumps.get(table, [])
                  if (m := re.search(rf"-j ({CHAIN_PREFIX}\d+_[A-Z]+)\b", j)) and m[1] in chains]
         if not chains:

@@ -63,7 +63,7 @@ class Ring:
             self.evicted += len(old)
 
     def between(self, start_ns: int, end_ns: int) -> list[Record]:
-        out = []
+        out: list[Record] = []
         for last, batch, _s in self._batches:
             if last < start_ns:
                 continue

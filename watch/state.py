@@ -237,9 +237,9 @@ class WatchState:
         for key, e in list(self.sas.items()):
             if e.gone_at is not None and t - e.gone_at >= self.forget_after:
                 del self.sas[key]
-        for key, last in list(self._active.items()):
+        for incident, last in list(self._active.items()):
             if t - last >= max(self.quiet_after, self.forget_after):
-                del self._active[key]
+                del self._active[incident]
 
     # -- events ----------------------------------------------------------------------------------
     def on_event(self, ev: Event, netns: str) -> list[Incident]:

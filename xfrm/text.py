@@ -375,9 +375,9 @@ def _parse_state(block: _Block) -> SA:
                     raise _fail(line, f"unknown ESN replay field `{key}`")
                 setattr(sa.replay, key.replace("-", "_"), _hex(val, line))
         elif esn_ctx and word == "replay_window":
-            ctx = _kv(text.replace(",", " ").split(), line)
-            sa.replay.window = _int(ctx["replay_window"], line)
-            words = _int(ctx.get("bitmap-length", "0"), line)
+            fields = _kv(text.replace(",", " ").split(), line)
+            sa.replay.window = _int(fields["replay_window"], line)
+            words = _int(fields.get("bitmap-length", "0"), line)
             if words and i < len(lines) and re.fullmatch(r"[0-9a-fA-F]{8}( [0-9a-fA-F]{8})*", lines[i].text):
                 bmp = lines[i].text.split()
                 i += 1
@@ -420,7 +420,9 @@ def _check_ranges(sa: SA, head: _Line) -> None:
         if not 0 <= value <= top:
             raise _fail(head, f"{name} {value:#x} does not fit 32 bits (in this SA)")
     for alg in (sa.aead, sa.enc, sa.auth):
-        for bits in (alg.icv_bits, alg.trunc_bits) if alg is not None else ():
+        if alg is None:
+            continue
+        for bits in (alg.icv_bits, alg.trunc_bits):
             if bits is not None and not 0 <= bits <= 4096:
                 raise _fail(head, f"ICV length {bits} of {alg.name} is impossible (in this SA)")
     for mark in (sa.mark, sa.output_mark):
