@@ -190,7 +190,8 @@ def test_background_drops_stay_in_the_kernel(netns_pair):
               f"for _ in range({n}): s.sendto(b'x', ('127.0.0.1', 9))")
     try:
         src.start(events.append)
-        assert src.kernel_filter.startswith("reason==")
+        symbolized = "location=%pS" in src.tracefs.read("events/skb/kfree_skb/format")
+        assert src.kernel_filter.startswith("reason==") or not symbolized
         p.run("a", sys.executable, "-c", sender)
         p.run("a", "ping", "-c", "2", "-i", "0.2", "-W", "1", p.b4, check=False)
         deadline = time.monotonic() + 5
@@ -202,7 +203,10 @@ def test_background_drops_stay_in_the_kernel(netns_pair):
                               text=True, check=True).stdout.split("Udp: ")[2].split()[1]
     assert int(no_ports) >= n  # the drops did happen
     assert sum(e.reason == "XFRM_POLICY" for e in events) >= 2
-    assert src.seen < n // 10, f"{src.seen} trace lines read for {n} background drops"
+    if src.kernel_filter:
+        assert src.seen < n // 10, f"{src.seen} trace lines read for {n} background drops"
+    else:  # a kernel that prints %p (6.1): no filter, every drop is read and sorted here
+        assert src.seen >= n
 
 
 @requires_root
