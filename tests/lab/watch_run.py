@@ -126,7 +126,7 @@ def fault_case(res: dict, out: Path) -> None:
     port = free_port()
     bundles = out / "bundles"
     argv = [*CLI, "watch", "--netns", right, "--listen", f"127.0.0.1:{port}", "--interval", "1",
-            "--kernel-events", "tracepoint", "--ring", "8", "--before", "6", "--after", "3",
+            "--kernel-events", "tracefs", "--ring", "8", "--before", "6", "--after", "3",
             "--dir", str(bundles)]
     res["watch_argv"] = argv[3:]
     w = Proc(argv)
@@ -148,8 +148,10 @@ def fault_case(res: dict, out: Path) -> None:
         res["prom_query"] = q
         res["prom_failed"] = prom.wait_for(q, lambda r: bool(r) and float(r[0]["value"][1]) >= 1, 60)
         res["prom_accepted"] = prom.query(f'ipsec_capture_sa_packets_total{{netns="{right}",direction="in"}}')
-        res["prom_counter"] = prom.query(f'ipsec_capture_xfrm_stat_total{{netns="{right}",'
-                                         'counter="XfrmInNoStates"}')
+        # the counter's last delta may land a scrape after the failed series: wait for it too
+        res["prom_counter"] = prom.wait_for(f'ipsec_capture_xfrm_stat_total{{netns="{right}",'
+                                            'counter="XfrmInNoStates"}',
+                                            lambda r: bool(r) and float(r[0]["value"][1]) >= 3, 30)
         res["prom_lifecycle"] = prom.query(f'ipsec_capture_sa_lifecycle_total{{netns="{right}"}}')
         res["prom_targets"] = prom.targets()
         text = scrape(port)
