@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ipsec_capture.errors import UserError
 from ipsec_capture.wire import NATT_PORT
@@ -134,7 +135,7 @@ def child_scenario(name: str) -> Scenario:
     return Scenario(c.name, c.summary, family=c.family, mode=c.mode, cipher=cipher, natt=c.natt, esn=c.esn)
 
 
-def save_state(prefix: str, state: object) -> None:
+def save_state(prefix: str, state: Any) -> None:
     """A lab's state (a dataclass) as JSON in STATE_DIR, mode 0600 from the first byte (it holds
     keys), replaced atomically."""
     STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -142,7 +143,7 @@ def save_state(prefix: str, state: object) -> None:
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(asdict(state), f, indent=1)  # type: ignore[call-overload]  # (a dataclass instance)
+        json.dump(asdict(state), f, indent=1)
     tmp.rename(path)
 
 
