@@ -237,6 +237,15 @@ def join_fleet(names: list[str], streams: list[Iterable[Packet]], window_ns: int
                 c.spis.add(p.spi or 0)
                 verdict(c, p)
 
+    def arrived(sside: int, sp: Packet, st: int, rside: int, rp: Packet, src: str, dst: str) -> None:
+        """A packet one node sent, seen arriving at another (in whichever order they came)."""
+        c = cell(names[sside], names[rside])
+        c.sent += 1
+        c.arrived += 1
+        c.spis.add(sp.spi or 0)
+        verdict(c, rp)
+        path(names[sside], names[rside], sp, src, dst, st, rp)
+
     tagged = [_fleet_tagged(i, s) for i, s in enumerate(streams)]
     for t, side, p, src, dst in heapq.merge(*tagged, key=lambda x: x[0]):
         expire(t)
@@ -246,12 +255,7 @@ def join_fleet(names: list[str], streams: list[Iterable[Packet]], window_ns: int
             arr = take(early, key, src, side)
             if arr is not None:
                 rside, rp, _s, _t = arr
-                c = cell(names[side], names[rside])
-                c.sent += 1
-                c.arrived += 1
-                c.spis.add(p.spi or 0)
-                verdict(c, rp)
-                path(names[side], names[rside], p, src, dst, t, rp)
+                arrived(side, p, t, rside, rp, src, dst)
             else:
                 entry = (side, p, src, t)
                 sent.setdefault(key, []).append(entry)
@@ -261,12 +265,7 @@ def join_fleet(names: list[str], streams: list[Iterable[Packet]], window_ns: int
             snd = take(sent, key, src, side)
             if snd is not None:
                 sside, sp, _s, st = snd
-                c = cell(names[sside], names[side])
-                c.sent += 1
-                c.arrived += 1
-                c.spis.add(p.spi or 0)
-                verdict(c, p)
-                path(names[sside], names[side], sp, src, dst, st, p)
+                arrived(sside, sp, st, side, p, src, dst)
             else:
                 entry = (side, p, src, t)
                 early.setdefault(key, []).append(entry)

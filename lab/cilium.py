@@ -36,12 +36,12 @@ import secrets
 import select
 import socket
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from ipsec_capture.errors import UserError
 from ipsec_capture.netns import entered
 
-from .scenarios import STATE_DIR, esp_supported, ip_batch, run, state_path, xfrm_stat
+from .scenarios import esp_supported, ip_batch, run, save_state, state_path, xfrm_stat
 from .traffic import UDP_PORT, TrafficResult, payload
 
 NODES = 3
@@ -109,13 +109,7 @@ class ClusterState:
         return pair_key(bytes.fromhex(self.global_key), src, dst, self.boot_ids).hex()
 
     def save(self) -> None:
-        STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = state_path(self.prefix)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds keys
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self), f, indent=1)
-        tmp.rename(path)
+        save_state(self.prefix, self)
 
     @classmethod
     def load(cls, prefix: str) -> ClusterState:

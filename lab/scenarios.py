@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ipsec_capture.errors import UserError
 from ipsec_capture.wire import NATT_PORT
@@ -110,13 +111,7 @@ class LabState:
         return self.left if side == "left" else self.right
 
     def save(self) -> None:
-        STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = state_path(self.prefix)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds keys
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self), f, indent=1)
-        tmp.rename(path)
+        save_state(self.prefix, self)
 
     @classmethod
     def load(cls, prefix: str) -> LabState:
@@ -138,6 +133,18 @@ def child_scenario(name: str) -> Scenario:
     c = CHILDREN[name]
     cipher = {"rfc4106(gcm(aes))": "gcm", "cbc(aes)": "cbc-sha256"}.get(c.kernel_enc, "chacha")
     return Scenario(c.name, c.summary, family=c.family, mode=c.mode, cipher=cipher, natt=c.natt, esn=c.esn)
+
+
+def save_state(prefix: str, state: Any) -> None:
+    """A lab's state (a dataclass) as JSON in STATE_DIR, mode 0600 from the first byte (it holds
+    keys), replaced atomically."""
+    STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = state_path(prefix)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(asdict(state), f, indent=1)
+    tmp.rename(path)
 
 
 def state_path(prefix: str) -> Path:
