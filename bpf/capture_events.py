@@ -49,7 +49,8 @@ class CaptureEvents:
     def __init__(self, path: str | os.PathLike[str], mode: str = "auto", netns: str | None = None,
                  stats: Callable[[], dict[str, Any]] | None = None, quiet: bool = False,
                  poll_interval: float = 0.5, keep_all_drops: bool = False,
-                 writer: Callable[[str, dict[str, Any]], EventLogWriter] = EventLogWriter) -> None:
+                 writer: Callable[[str, dict[str, Any]], EventLogWriter] = EventLogWriter,
+                 stamp_late_ns: int = 0) -> None:
         self.path = os.fspath(path)
         self._open = writer  # capture/rotate.py gives one that moves on to the next bundle part
         self.mode = mode
@@ -58,6 +59,7 @@ class CaptureEvents:
         self.quiet = quiet
         self.poll_interval = poll_interval
         self.keep_all_drops = keep_all_drops
+        self.stamp_late_ns = stamp_late_ns  # the header says it (make_header)
         self.plan = plan_sources(mode, netns)  # bad mode / netns fail before anything is created
         self._writer: EventLogWriter | None = None
         self._kernel: KernelEvents | None = None
@@ -77,7 +79,8 @@ class CaptureEvents:
         self._say(describe(self.plan))
         try:
             header = make_header(sources=[s.to_dict() for s in self.plan], clock=clock,
-                                 netns={"name": self.netns, "inode": self._inode})
+                                 netns={"name": self.netns, "inode": self._inode},
+                                 stamp_late_ns=self.stamp_late_ns)
             self._writer = self._open(self.path, header)
         except BaseException:
             self._kernel.stop()

@@ -39,6 +39,9 @@ def _offset(clock: int) -> int:
     return best
 
 
+STAMP_LATE_KEY = "packet_stamp_late_ns"
+
+
 def clock_offsets() -> dict[str, int]:
     """Offsets that turn monotonic / boottime stamps (BPF, tracefs) into wall-clock ns.
 
@@ -52,8 +55,13 @@ def clock_offsets() -> dict[str, int]:
 
 
 def make_header(sources: list[dict[str, Any]] | None = None, netns: dict[str, Any] | None = None,
-                clock: dict[str, int] | None = None) -> dict[str, Any]:
-    """A header with the host facts filled in; callers add sources and the namespace."""
+                clock: dict[str, int] | None = None, stamp_late_ns: int = 0) -> dict[str, Any]:
+    """A header with the host facts filled in; callers add sources and the namespace.
+
+    `stamp_late_ns`: how late a packet's stamp in the capture beside this log may be. The kernel
+    stamps an NFLOG packet only on some hooks; the rest are stamped when their batch is read, up
+    to the group's flush timeout after the kernel saw them, which can be after the counter poll
+    that counted their drop. The join widens a poll's window by this much."""
     return {
         FORMAT_KEY: FORMAT_VERSION,
         "host": socket.gethostname(),
@@ -62,6 +70,7 @@ def make_header(sources: list[dict[str, Any]] | None = None, netns: dict[str, An
         "clock": clock if clock is not None else clock_offsets(),
         "sources": sources or [],
         "netns": netns or {"name": None, "inode": None},
+        STAMP_LATE_KEY: stamp_late_ns,
     }
 
 
@@ -145,6 +154,9 @@ def _header_problem(h: dict[str, Any]) -> str | None:
     clock = h.get("clock", {})
     if not isinstance(clock, dict) or not all(_is_int(v) and abs(v) <= _MAX_U64 for v in clock.values()):
         return "clock is not an object of nanosecond offsets"
+    late = h.get(STAMP_LATE_KEY, 0)
+    if not _is_int(late) or not 0 <= late <= _MAX_U64:
+        return f"{STAMP_LATE_KEY} is not a count of nanoseconds"
     if h.get("netns") is not None and not isinstance(h["netns"], dict):
         return "netns is not an object"
     return None

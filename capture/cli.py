@@ -144,11 +144,13 @@ def bundle_companions(capture: Capture, kernel_events: str, keys: bool) -> list[
     if kernel_events != "off":
         from ipsec_capture.bpf.capture_events import CaptureEvents
 
+        from .nflog import TIMEOUT_CS, stamp_late_ns
+
         kw: dict[str, Any] = {}  # the one optional keyword, `writer`
         if rotating:
             kw["writer"] = _parted_log(capture)
         out.append(CaptureEvents(bundle.events, kernel_events, o.netns, stats=capture.stats_dict,
-                                 quiet=o.quiet, **kw))
+                                 quiet=o.quiet, stamp_late_ns=stamp_late_ns(TIMEOUT_CS), **kw))
     if keys:
         from ipsec_capture.xfrm.keeper import KeyFileKeeper
 

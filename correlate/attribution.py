@@ -1,7 +1,9 @@
 """Counter attribution: an xfrm_stat counter delta names a cause, not a packet; it goes to the
 unexplained packets of its direction (and netns) since the previous poll, those whose own
 evidence fits the cause first (an anchor of that cause, then their own state: no SA for the
-SPI, our ICV check failed), oldest first among equals.
+SPI, our ICV check failed), oldest first among equals. A poll's window reaches past the poll by
+the cleartext window and by how late the capture's packet stamps may be (the events log header
+says it: a packet the kernel did not stamp is stamped when its NFLOG batch is read).
 """
 
 from __future__ import annotations
@@ -54,11 +56,13 @@ class CounterAttribution:
     of its poll window would leave the join (`flush`), or at the end."""
 
     def __init__(self, pending: deque[Packet], history: SaHistory, window_ns: int,
-                 clear_window_ns: int) -> None:
+                 clear_window_ns: int, stamp_late_ns: int = 0) -> None:
         self.pending = pending
         self.history = history
         self.window_ns = window_ns
         self.clear_window_ns = clear_window_ns
+        # a packet stamped when read may carry a time after the poll that counted its drop
+        self.stamp_late_ns = stamp_late_ns
         self.last_poll: dict[int | None, tuple[int | None, int]] = {}  # netns -> (poll before, last poll)
         self.anchor_kinds = False  # an event of an anchor's kind came (fit 2 possible)
         # anchors not yet consumed by a delta, oldest first, per cause
@@ -115,7 +119,7 @@ class CounterAttribution:
     def _attribute(self, inc: Incident, low: int) -> None:
         """Give the counter's delta to the anchors of its cause, then to the unexplained packets of
         its direction in the poll window, those whose own evidence fits the cause first."""
-        high = inc.time_ns + self.clear_window_ns
+        high = inc.time_ns + self.clear_window_ns + self.stamp_late_ns
         cause = inc.cause
         anchors = self._anchors.get(cause)
         if anchors:

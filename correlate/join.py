@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ipsec_capture.bpf.eventlog import STAMP_LATE_KEY
 from ipsec_capture.capture.esp_header import locate
 from ipsec_capture.models import Event, Record
 from ipsec_capture.wire import IPPROTO_ESP, SECOND
@@ -123,7 +124,10 @@ class Joiner:
         self._early_order: deque[tuple[int, tuple[int, int]]] = deque()
         self._skbs = SkbTracker()
         self._matcher = ClearMatcher(self._pending, self.stats, self.decoder, clear_window_ns)
-        self._attribution = CounterAttribution(self._pending, self.history, window_ns, clear_window_ns)
+        late = (header or {}).get(STAMP_LATE_KEY, 0)
+        late = late if isinstance(late, int) and not isinstance(late, bool) and late > 0 else 0
+        self._attribution = CounterAttribution(self._pending, self.history, window_ns, clear_window_ns,
+                                               stamp_late_ns=late)
 
     # -- the merge -------------------------------------------------------------------------
     def run(self, records: Iterable[Record], events: Iterable[Event]) -> Iterator[Packet]:

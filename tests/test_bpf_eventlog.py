@@ -10,7 +10,14 @@ import time
 
 import pytest
 
-from ipsec_capture.bpf.eventlog import FORMAT_KEY, EventLogWriter, clock_offsets, make_header, read_events
+from ipsec_capture.bpf.eventlog import (
+    FORMAT_KEY,
+    STAMP_LATE_KEY,
+    EventLogWriter,
+    clock_offsets,
+    make_header,
+    read_events,
+)
 from ipsec_capture.errors import UserError
 from ipsec_capture.models import Event
 
@@ -33,7 +40,17 @@ def test_round_trip_header_and_events(tmp_path):
     assert header["sources"] == sources
     assert header["netns"] == {"name": "x", "inode": 5}
     assert set(header["clock"]) == {"wall_minus_mono_ns", "wall_minus_boot_ns"}
+    assert header[STAMP_LATE_KEY] == 0
     assert list(events) == _events(3)
+
+
+@pytest.mark.parametrize("late", [-1, "10", 1.5, True])
+def test_a_bad_stamp_lateness_is_refused(tmp_path, late):
+    """The join widens counter windows by the header's stamp lateness: only a count of ns."""
+    path = tmp_path / "e.jsonl"
+    path.write_text(json.dumps({**make_header(), STAMP_LATE_KEY: late}) + "\n")
+    with pytest.raises(UserError, match=STAMP_LATE_KEY):
+        read_events(path)
 
 
 def test_existing_file_becomes_0600(tmp_path):

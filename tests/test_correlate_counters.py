@@ -128,3 +128,29 @@ def test_a_drop_on_the_receive_path_of_a_packet_this_host_sent_is_the_peers():
     assert p.verdict == "ok" and not any(e.source == "kfree_skb" for e in p.events), p.evidence
     d = an.to_dict()
     assert d["drops"] == [] and d["totals"]["events_other_netns"] == 1
+
+
+@pytest.mark.parametrize("late_ms", [0, 100])
+def test_packets_stamped_when_read_join_the_poll_that_counted_them(late_ms):
+    """As a flight-recorder bundle of `watch` holds them (lab: tests/lab/test_lab_watch.py): an
+    NFLOG packet the kernel did not stamp is stamped when its batch is read, here 80 ms after the
+    kernel dropped it and so after the xfrm_stat poll that counted the drop. The header says how
+    late a stamp may be; with it, each of three no-state drops is pinned on its own packet.
+    Without it (bundles written before the header had the field) the last packet, 80 ms past its
+    poll, is left unexplained and its delta too: what the lab saw in one run of five."""
+    from ipsec_capture.bpf.eventlog import STAMP_LATE_KEY
+    from ipsec_capture.correlate.analysis import analyse
+    from tests.support.synthetic import Host, esp4, udp4
+
+    h = Host()
+    for seq in range(1, 4):
+        drop = T0 + seq * 500 * MS
+        h.esp_in(drop + 80 * MS, esp4(A, B, SPI, seq, udp4(IA, IB, seq, b"x" * 20), ident=seq))
+        h.counter(drop + 25 * MS, "XfrmInNoStates", 1, seq)
+    header = {"sources": [{"name": "xfrm_stat"}], STAMP_LATE_KEY: late_ms * MS}
+    rep = analyse(_inputs(h, header)).to_dict()
+    got = {d["spi"]: (d["packets"], d["counters"]["XfrmInNoStates"]) for d in rep["drops"]}
+    if late_ms:
+        assert got == {f"0x{SPI:08x}": (3, 3)}
+    else:
+        assert got[None] == (0, 1) and got[f"0x{SPI:08x}"] == (2, 2)

@@ -77,6 +77,11 @@ def started(*args: str, netns: str) -> Iterator[subprocess.Popen[str]]:
             proc.wait()
 
 
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
 def finish(proc: subprocess.Popen[str], sig: int = signal.SIGINT) -> tuple[int, dict, str]:
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
@@ -201,15 +206,19 @@ def test_count_stops_by_itself(netns_pair: NetnsPair, tmp_path: Path) -> None:
 
 
 def test_overload_reports_drops_and_fails(netns_pair: NetnsPair, tmp_path: Path) -> None:
-    """A stopped reader with a tiny socket buffer: the kernel must drop, and we must say so."""
+    """A stopped reader with a tiny socket buffer: the kernel must drop, and we must say so. The
+    packets are read by a forked child that dropped root (capture/privdrop.py): it is stopped too."""
     out = tmp_path / "o.pcapng"
     with started("--group", "25", "-w", str(out), "--points", "raw-pre-esp", "--rcvbuf", "1", "--json",
                  netns=netns_pair.a) as proc:
-        os.kill(proc.pid, signal.SIGSTOP)
+        stopped = [proc.pid, *_children(proc.pid)]
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
         try:
             send(netns_pair, "b", [("esp", 4, "192.0.2.1", 0, 3000, esp(0xD0D0))])
         finally:
-            os.kill(proc.pid, signal.SIGCONT)
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
         time.sleep(0.5)
         rc, summary, err = finish(proc)
     assert rc == 3, err

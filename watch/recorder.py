@@ -84,7 +84,8 @@ class Pending:
 
 
 class FlightRecorder:
-    def __init__(self, opts: Any, state: WatchState, clock: dict[str, int] | None = None) -> None:
+    def __init__(self, opts: Any, state: WatchState, clock: dict[str, int] | None = None,
+                 stamp_late_ns: int = 0) -> None:
         from ipsec_capture.xfrm.esp_sa import columns_for
 
         self.opts = opts
@@ -107,6 +108,7 @@ class FlightRecorder:
         self.sources: dict[str, list[dict[str, Any]]] = {}
         self.inodes: dict[str, int | None] = {}
         self.clock = clock
+        self.stamp_late_ns = stamp_late_ns  # the taps' packets are stamped when read (header)
         self.columns = columns_for(None)
         self.pending: list[Pending] = []
         self.written: list[str] = []
@@ -203,7 +205,8 @@ class FlightRecorder:
                 points[rec.point] = points.get(rec.point, 0) + 1
         header = make_header(sources=self.sources.get(p.netns, []),
                              netns={"name": None if p.netns == "host" else p.netns,
-                                    "inode": self.inodes.get(p.netns)}, clock=self.clock)
+                                    "inode": self.inodes.get(p.netns)}, clock=self.clock,
+                             stamp_late_ns=self.stamp_late_ns)
         header["flight_recorder"] = {"incident": inc.to_dict(), "start_ns": p.start_ns, "end_ns": p.end_ns}
         sas = [sa for _seen, sa in self.sas.get(p.netns, {}).values()]
         with EventLogWriter(bundle.events, header) as log:

@@ -32,6 +32,7 @@ from typing import Any, TextIO
 from ipsec_capture.bpf.eventlog import clock_offsets
 from ipsec_capture.bpf.sources import KernelEvents, SourceStatus, describe, plan_sources
 from ipsec_capture.capture.esp_header import locate
+from ipsec_capture.capture.nflog import stamp_late_ns
 from ipsec_capture.errors import UserError, require_root
 from ipsec_capture.models import EncodedEvent, Event
 from ipsec_capture.netns import entered, netns_inode, netns_path
@@ -225,7 +226,7 @@ class Watch:
             if o.ring_mb:
                 from .recorder import FlightRecorder
 
-                self.recorder = FlightRecorder(o, self.state, clock)
+                self.recorder = FlightRecorder(o, self.state, clock, stamp_late_ns(TAP_TIMEOUT_CS))
                 stack.callback(self.recorder.close)
             if o.tap or o.ring_mb:
                 self._tap(stack)
