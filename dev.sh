@@ -43,7 +43,7 @@ say() { printf '[dev.sh] %s\n' "$*" >&2; }
 # CI) often has no sudo at all, so sudo is asked for only by a user who is not root.
 as_root() {
   [ "$(id -u)" = 0 ] && return
-  if command -v sudo >/dev/null 2>&1; then
+  if [ -n "$(command -v sudo)" ]; then  # no /dev/null: some images keep it root-only
     say "not root: running again as root with sudo"
     exec sudo -- "$ROOT/dev.sh" "$@"
   fi
