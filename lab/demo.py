@@ -1,7 +1,7 @@
 """The README's main command (`./dev.sh demo`): real IPsec, captured, explained, on any machine.
 
 If this kernel can do ESP, the demo runs here: `lab up` (AES-GCM transport), `start` on the
-receiving host (all capture points, kernel events: kprobes where the kernel and bcc allow),
+receiving host (all capture points, kernel events: per-packet probes where the kernel allows),
 `lab traffic` both ways, then a fault (the receiver's SA deleted while traffic flows), SIGINT,
 `report` on the bundle and a few tshark lines with ESP decrypted by the bundle's key file.
 Otherwise the same script runs inside the kernel lab VM with the output directory shared
@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 
 from ipsec_capture.errors import UserError, require_root
+
+# start's --kernel-events modes (bpf.sources.MODES; the lab does not import bpf: a test holds them equal)
+KERNEL_EVENT_MODES = ("auto", "kprobe", "bcc", "tracepoint", "tracefs", "off")
 
 PREFIX = "demo"
 READY_TIMEOUT = 600  # `start` under TCG: rules, sockets, and a bcc compile of the kprobes (~90 s)
@@ -168,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="ipsec-capture-demo",
                         help="bundle directory (default ./ipsec-capture-demo)")
     parser.add_argument("--scenario", default="gcm", choices=list(SCENARIOS))
-    parser.add_argument("--kernel-events", default="auto", choices=("auto", "kprobe", "tracepoint", "off"),
-                        help="as for `start` (default auto: kprobes where possible, compiled first)")
+    parser.add_argument("--kernel-events", default="auto", choices=KERNEL_EVENT_MODES,
+                        help="as for `start` (default auto: the shipped CO-RE probes where the kernel "
+                             "has BTF, else bcc, else the kfree_skb tracepoint)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--here", action="store_true", help="run on this kernel (it must do ESP)")
     where.add_argument("--vm", action="store_true",

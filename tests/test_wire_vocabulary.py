@@ -53,3 +53,15 @@ def test_point_roles_come_from_the_point_definitions() -> None:
     assert set(POINT_ROLES) | IKE_POINTS == set(POINTS)
     for name, (direction, kind) in POINT_ROLES.items():
         assert (direction, kind) == (POINTS[name].direction, POINTS[name].kind)
+
+
+def test_every_kernel_events_option_offers_the_sources_modes() -> None:
+    """start, the demo and the lab share bpf.sources.MODES without importing bpf at parse time:
+    their --kernel-events choices must be the same words."""
+    from ipsec_capture.bpf.sources import MODES
+    from ipsec_capture.cli import build_parser
+    from ipsec_capture.lab.demo import KERNEL_EVENT_MODES
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    start = next(a for a in sub.choices["start"]._actions if a.dest == "kernel_events")
+    assert tuple(start.choices) == MODES == KERNEL_EVENT_MODES
