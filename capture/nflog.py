@@ -67,6 +67,7 @@ PLAIN_RCVBUF = 131072  # DESIGN.md: what SO_RCVBUF honours here without FORCE
 NLBUFSIZ = 65536  # batch skb size: fewer recv calls per packet
 QTHRESH = 256  # packets per batch at most: fewer, fuller wake-ups (64 KiB hold ~300 small packets)
 TIMEOUT_CS = 1  # flush a partial batch after 10 ms: packets arrive promptly
+RECV_SIZE = 1 << 18
 
 
 def stamp_late_ns(timeout_cs: int) -> int:
@@ -74,7 +75,6 @@ def stamp_late_ns(timeout_cs: int) -> int:
     ones while no socket asked for timestamps) is stamped when its batch is read, up to the
     group's flush timeout later (the events log header says it: bpf.eventlog.make_header)."""
     return timeout_cs * 10_000_000
-RECV_SIZE = 1 << 18
 
 
 def _attr(atype: int, value: bytes) -> bytes:

@@ -124,10 +124,9 @@ class Joiner:
         self._early_order: deque[tuple[int, tuple[int, int]]] = deque()
         self._skbs = SkbTracker()
         self._matcher = ClearMatcher(self._pending, self.stats, self.decoder, clear_window_ns)
-        late = (header or {}).get(STAMP_LATE_KEY, 0)
-        late = late if isinstance(late, int) and not isinstance(late, bool) and late > 0 else 0
+        # read_events checked the header's value (a count of ns)
         self._attribution = CounterAttribution(self._pending, self.history, window_ns, clear_window_ns,
-                                               stamp_late_ns=late)
+                                               stamp_late_ns=(header or {}).get(STAMP_LATE_KEY, 0))
 
     # -- the merge -------------------------------------------------------------------------
     def run(self, records: Iterable[Record], events: Iterable[Event]) -> Iterator[Packet]:
